@@ -1,0 +1,193 @@
+"""Load CompVis latent-diffusion models: their YAML config and `.ckpt` into our classes.
+
+    model = load_compvis("txt2img-1p4B-eval.yaml", "model.ckpt")   # -> LatentDiffusion
+    model = load_compvis(None, "runs/shapes_ldm/model")              # our own format too
+
+CompVis YAML names classes by import path (`target:`) and passes `params:` to them. Here an
+explicit table maps the supported targets to our typed configs; anything else is an error
+that lists what is supported. Our modules keep CompVis's state-dict key names, so weights
+load strictly: a missing or unexpected key is an error naming the keys.
+
+A `.ckpt` is a pickle, which can run code when loaded. It is read with
+`torch.load(weights_only=True)`; a file that needs more is refused unless the caller passes
+`allow_pickle=True` (CLI: `--unsafe-allow-pickle`), to be used only for files you trust.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ldm.config import (
+    AutoencoderConfig,
+    ConfigError,
+    DDConfig,
+    DiffusionConfig,
+    LDMConfig,
+    LossConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    from_dict,
+)
+
+log = logging.getLogger(__name__)
+
+LDM_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion",)
+AUTOENCODER_TARGETS = ("ldm.models.autoencoder.AutoencoderKL",)
+UNET_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",)
+TEXT_TARGETS = ("ldm.modules.encoders.modules.BERTEmbedder",)
+LOSS_TARGETS = {
+    "torch.nn.Identity": None,
+    "ldm.modules.losses.LPIPSWithDiscriminator": LossConfig,
+    "ldm.modules.losses.contperceptual.LPIPSWithDiscriminator": LossConfig,
+}
+# CompVis parameters that only steer Lightning training/logging or the original loader.
+IGNORED_PARAMS = {
+    "monitor", "log_every_t", "ckpt_path", "ignore_keys", "load_only_unet", "image_key",
+    "scheduler_config", "use_positional_encodings", "concat_mode", "cond_stage_forward",
+    "colorize_nlabels", "device", "learning_rate", "ckpt", "make_it_fit", "reset_ema",
+    "reset_num_ema_updates",
+}
+UNET_IGNORED = {"use_checkpoint", "use_fp16"}
+
+
+def _target(section: dict, where: str, allowed) -> str:
+    target = section.get("target")
+    if target not in allowed:
+        raise ConfigError(
+            f"{where}.target {target!r} is not supported (supported: {list(allowed)})")
+    return target
+
+
+def _params(section: dict, ignored: set[str] = frozenset()) -> dict:
+    params = dict(section.get("params") or {})
+    for key in list(params):
+        if key in ignored:
+            params.pop(key)
+    return params
+
+
+def autoencoder_config(section: dict, where: str = "first_stage_config") -> AutoencoderConfig:
+    _target(section, where, AUTOENCODER_TARGETS)
+    p = _params(section, IGNORED_PARAMS)
+    loss = p.pop("lossconfig", {"target": "torch.nn.Identity"})
+    loss_cls = LOSS_TARGETS.get(loss.get("target"), "?")
+    if loss_cls == "?":
+        raise ConfigError(f"{where}.params.lossconfig.target {loss.get('target')!r} is not "
+                          f"supported (supported: {list(LOSS_TARGETS)})")
+    lossconfig = None
+    if loss_cls is not None:
+        # CompVis's loss is LPIPS-VGG16; keep it, so the checkpoint's loss keys load.
+        lossconfig = from_dict(LossConfig, {"perceptual_backbone": "vgg16", **_params(loss)},
+                               f"{where}.params.lossconfig.params")
+    return AutoencoderConfig(
+        ddconfig=from_dict(DDConfig, p.pop("ddconfig"), f"{where}.params.ddconfig"),
+        embed_dim=p.pop("embed_dim"),
+        lossconfig=lossconfig,
+        **_check_empty(p, f"{where}.params"),
+    )
+
+
+def _check_empty(rest: dict, where: str) -> dict:
+    if rest:
+        raise ConfigError(f"unknown config key {where}.{sorted(rest)[0]}")
+    return {}
+
+
+def ldm_config(model: dict) -> LDMConfig:
+    """Map CompVis `model:` (LatentDiffusion) onto our LDMConfig."""
+    _target(model, "model", LDM_TARGETS)
+    p = _params(model, IGNORED_PARAMS)
+    unet_sec, first_sec, cond_sec = (p.pop("unet_config"), p.pop("first_stage_config"),
+                                     p.pop("cond_stage_config"))
+    _target(unet_sec, "unet_config", UNET_TARGETS)
+    unet = from_dict(UNetConfig, _params(unet_sec, UNET_IGNORED), "unet_config.params")
+    if isinstance(cond_sec, str):
+        raise ConfigError(f"cond_stage_config {cond_sec!r} is not supported (a text encoder is)")
+    _target(cond_sec, "cond_stage_config", TEXT_TARGETS)
+    text = from_dict(TextEncoderConfig, _params(cond_sec, {"device"}), "cond_stage_config.params")
+    diffusion = from_dict(DiffusionConfig, p, "model.params")
+    return LDMConfig(diffusion=diffusion, unet=unet, first_stage=autoencoder_config(first_sec),
+                     cond_stage=text)
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a `.ckpt`/`.pt` (Lightning `state_dict` inside) or `.safetensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds pickled objects beyond tensors, which can run code when loaded; "
+            "refused. If you trust the file, pass allow_pickle=True (--unsafe-allow-pickle). "
+            f"Detail: {str(e).splitlines()[0]}"
+        ) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: no state_dict found")
+    return state
+
+
+def load_compvis(
+    config_yaml: str | Path | None, checkpoint: str | Path, allow_pickle: bool = False
+) -> Any:
+    """A CompVis config + checkpoint (or our checkpoint folder) -> model in eval mode.
+
+    Returns a `LatentDiffusion` for LDM configs and an `AutoencoderKL` for autoencoder ones.
+    """
+    if Path(checkpoint).is_dir():
+        from ldm.pretrained import load_pretrained
+
+        return load_pretrained(checkpoint)
+    if config_yaml is None:
+        raise ConfigError("a CompVis checkpoint needs its YAML config")
+    model_sec = (yaml.safe_load(Path(config_yaml).read_text()) or {}).get("model")
+    if not isinstance(model_sec, dict):
+        raise ConfigError(f"{config_yaml}: no `model:` section")
+    state = read_checkpoint(checkpoint, allow_pickle)
+    if model_sec.get("target") in AUTOENCODER_TARGETS:
+        from ldm.models.autoencoder import AutoencoderKL
+
+        model = AutoencoderKL(autoencoder_config(model_sec, "model"))
+    else:
+        from ldm.models.diffusion import LatentDiffusion
+
+        cfg = ldm_config(model_sec)
+        has_ema = any(k.startswith("model_ema.") for k in state)
+        if has_ema != cfg.diffusion.use_ema:
+            log.info("use_ema=%s to match the checkpoint's model_ema keys", has_ema)
+            cfg.diffusion.use_ema = has_ema
+        model = LatentDiffusion(cfg)
+        # lvlb_weights is a non-persistent buffer recomputed from the schedule; older
+        # checkpoints saved it. Recomputed values are used.
+        state = {k: v for k, v in state.items() if k != "lvlb_weights"}
+    load_strict(model, state, str(checkpoint))
+    return model.eval()
+
+
+def load_strict(model: torch.nn.Module, state: dict, name: str) -> None:
+    """load_state_dict(strict) with an error message that names the offending keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(
+            f"{name}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    bad = [k for k in own if own[k].shape != state[k].shape]
+    if bad:
+        first = bad[0]
+        raise ValueError(f"{name}: shape mismatch for {bad[:5]} (model "
+                         f"{tuple(own[first].shape)}, checkpoint {tuple(state[first].shape)})")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,75 @@
+"""Our checkpoint format: a folder with `model.safetensors` and `config.yaml`.
+
+`config.yaml` holds `kind` (`autoencoder` or `ldm`) and the model's typed config. Safetensors
+cannot carry code, unlike a pickled `.ckpt`, so these load without any trust decision.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ldm.config import AutoencoderConfig, ConfigError, LDMConfig, from_dict, to_dict
+
+Kind = Literal["autoencoder", "ldm"]
+CONFIG_CLASSES: dict[str, type] = {"autoencoder": AutoencoderConfig, "ldm": LDMConfig}
+
+
+def build_model(kind: str, cfg) -> torch.nn.Module:
+    if kind == "autoencoder":
+        from ldm.models.autoencoder import AutoencoderKL
+
+        return AutoencoderKL(cfg)
+    if kind == "ldm":
+        from ldm.models.diffusion import LatentDiffusion
+
+        return LatentDiffusion(cfg)
+    raise ConfigError(f"unknown model kind {kind!r} (allowed: {', '.join(CONFIG_CLASSES)})")
+
+
+def save_pretrained(folder: str | Path, model: torch.nn.Module, kind: Kind, cfg) -> None:
+    """Write the folder atomically: build beside it, then swap it in."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        # safetensors refuses shared storage; contiguous clones also drop any views.
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(
+            yaml.safe_dump({"kind": kind, "config": to_dict(cfg)}, sort_keys=False))
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(folder: str | Path):
+    """(kind, typed config) of a checkpoint folder."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not one of our checkpoints (no config.yaml)")
+    data = yaml.safe_load(path.read_text())
+    kind = data.get("kind")
+    if kind not in CONFIG_CLASSES:
+        raise ConfigError(f"{path}: kind {kind!r} is not one of {list(CONFIG_CLASSES)}")
+    return kind, from_dict(CONFIG_CLASSES[kind], data["config"])
+
+
+def load_pretrained(folder: str | Path, strict: bool = True) -> torch.nn.Module:
+    """Build the model from config.yaml and load model.safetensors (strict by default)."""
+    kind, cfg = read_config(folder)
+    model = build_model(kind, cfg)
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    model.load_state_dict(state, strict=strict)
+    return model.eval()
