@@ -1,0 +1,190 @@
+"""One export spec per exported model: the single source of tensor names, shapes and profiles.
+
+The ONNX export, the parity check, the TensorRT engine build, the Triton `config.pbtxt`
+writer and the serving clients all read these specs, so a tensor is called the same thing
+everywhere (lowercase snake_case):
+
+    text_encoder: input_ids (B, 77) int64                  -> context (B, 77, D) fp32
+    unet:         latent (B, C, h, w) fp32, timestep (B,) int64, context (B, 77, D) fp32
+                                                           -> noise_pred (B, C, h, w) fp32
+    vae_decoder:  latent (B, C, h, w) fp32                 -> image (B, 3, H, W) fp32 in [-1, 1]
+    vae_encoder:  image (B, 3, H, W) fp32 in [-1, 1]       -> mean, logvar (B, C, h, w) fp32
+
+`latent` is always the diffusion model's latent, i.e. already multiplied by scale_factor:
+the VAE graphs apply 1/scale_factor (decoder) and scale_factor (encoder) themselves.
+`noise_pred` is the UNet's raw output (eps for eps-parameterized models).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ldm.config import LDMConfig
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[int | str, ...]  # ints are fixed; strings name a dynamic axis
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """Batch and latent-size ranges the exported graphs (and TensorRT profiles) cover."""
+
+    max_batch: int = 8  # images per request x concurrent requests batched by Triton
+    min_latent: int = 0  # 0: the model's trained latent size only
+    max_latent: int = 0
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Per dynamic axis name: (min, opt, max), for TensorRT profiles and the parity check.
+    profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes: tensor name -> {axis index: axis name}."""
+        axes = {}
+        for t in (*self.inputs, *self.outputs):
+            dyn = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if dyn:
+                axes[t.name] = dyn
+        return axes
+
+    def concrete_shape(self, tensor: TensorSpec, which: int = 1, **override: int) -> tuple:
+        """The shape of `tensor` at profile point `which` (0 min, 1 opt, 2 max)."""
+        dims = []
+        for d in tensor.shape:
+            if isinstance(d, str):
+                dims.append(override.get(d, self.profile[d][which]))
+            else:
+                dims.append(d)
+        return tuple(dims)
+
+    def sample_inputs(self, which: int = 1, generator: torch.Generator | None = None,
+                      **override: int) -> dict[str, torch.Tensor]:
+        """Random inputs at a profile point, in spec order (used for export and parity)."""
+        out = {}
+        for t in self.inputs:
+            shape = self.concrete_shape(t, which, **override)
+            if t.dtype == "int64":
+                high = 77 if t.name == "input_ids" else 1000
+                out[t.name] = torch.randint(0, high, shape, generator=generator)
+            else:
+                out[t.name] = torch.randn(shape, generator=generator)
+        return out
+
+
+def latent_range(cfg: LDMConfig, limits: ShapeLimits) -> tuple[int, int, int]:
+    size = cfg.unet.image_size
+    factor = 2 ** (len(cfg.unet.channel_mult) - 1)  # the UNet halves the latent this often
+    lo = limits.min_latent or size
+    hi = limits.max_latent or size
+    if lo % factor or hi % factor:
+        raise ValueError(f"latent sizes must be multiples of {factor}, got {lo}..{hi}")
+    return (lo, size, hi)
+
+
+def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str, ExportSpec]:
+    """The four specs for a LatentDiffusion config."""
+    seq, dim = cfg.cond_stage.max_seq_len, cfg.cond_stage.n_embed
+    c = cfg.unet.in_channels
+    f = 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
+    lat = latent_range(cfg, limits)
+    img = tuple(v * f for v in lat)
+    batch = (1, 1, limits.max_batch)
+    # Classifier-free guidance doubles the UNet batch: [uncond, cond] in one call.
+    unet_batch = (1, 2, 2 * limits.max_batch)
+    f32 = "float32"
+    return {
+        "text_encoder": ExportSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", "int64", ("batch", seq)),),
+            (TensorSpec("context", f32, ("batch", seq, dim)),),
+            {"batch": batch},
+        ),
+        "unet": ExportSpec(
+            "unet",
+            (TensorSpec("latent", f32, ("batch", c, "height", "width")),
+             TensorSpec("timestep", "int64", ("batch",)),
+             TensorSpec("context", f32, ("batch", seq, dim))),
+            (TensorSpec("noise_pred", f32, ("batch", cfg.unet.out_channels, "height", "width")),),
+            {"batch": unet_batch, "height": lat, "width": lat},
+        ),
+        "vae_decoder": ExportSpec(
+            "vae_decoder",
+            (TensorSpec("latent", f32, ("batch", cfg.first_stage.embed_dim, "height", "width")),),
+            (TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+            {"batch": batch, "height": lat, "width": lat, "image_height": img,
+             "image_width": img},
+        ),
+        "vae_encoder": ExportSpec(
+            "vae_encoder",
+            (TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+            (TensorSpec("mean", f32, ("batch", cfg.first_stage.embed_dim, "height", "width")),
+             TensorSpec("logvar", f32, ("batch", cfg.first_stage.embed_dim, "height", "width"))),
+            {"batch": batch, "height": lat, "width": lat, "image_height": img,
+             "image_width": img},
+        ),
+    }
+
+
+# --- the PyTorch modules that are exported, one per spec ------------------------------------
+
+class TextEncoderGraph(nn.Module):
+    """input_ids -> context (the tokenizer stays in Python)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.cond_stage_model = model.cond_stage_model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.cond_stage_model.embed_tokens(input_ids)
+
+
+class UNetGraph(nn.Module):
+    """(latent, timestep, context) -> noise_pred: the raw UNet (EMA weights if applied)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.diffusion_model = model.model.diffusion_model
+
+    def forward(self, latent, timestep, context):
+        return self.diffusion_model(latent, timestep, context=context)
+
+
+class VAEDecoderGraph(nn.Module):
+    """latent (scaled) -> image in [-1, 1]; applies 1/scale_factor inside the graph."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.first_stage_model = model.first_stage_model
+        self.scale = float(model.scale_factor)
+
+    def forward(self, latent):
+        return self.first_stage_model.decode(latent / self.scale)
+
+
+class VAEEncoderGraph(nn.Module):
+    """image -> (mean, logvar) of the scaled latent posterior: scale_factor * z."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.first_stage_model = model.first_stage_model
+        self.scale = float(model.scale_factor)
+
+    def forward(self, image):
+        post = self.first_stage_model.encode(image)
+        # z' = s z  =>  mean' = s mean, var' = s^2 var  =>  logvar' = logvar + 2 log s
+        return post.mean * self.scale, post.logvar + 2 * torch.log(torch.tensor(self.scale))
+
+
+GRAPHS = {"text_encoder": TextEncoderGraph, "unet": UNetGraph,
+          "vae_decoder": VAEDecoderGraph, "vae_encoder": VAEEncoderGraph}
