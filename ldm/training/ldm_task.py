@@ -41,7 +41,7 @@ class LDMTask:
         return [0]
 
     def _latents(self, images: torch.Tensor, gens) -> torch.Tensor:
-        """z = scale_factor * (mu + sigma * e), the posterior sampled per sample (frozen encoder)."""
+        """z = scale_factor * (mu + sigma * e): the frozen posterior, sampled per sample."""
         with torch.no_grad():
             post = self.model.encode_first_stage(images)
             noise = randomness.randn(gens, post.mean.shape[1:])

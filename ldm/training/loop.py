@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ldm.config import ConfigError
 from ldm.data.imagefolder import collate
 from ldm.training import randomness
 from ldm.training.checkpoint import atomic_save, load_state
@@ -131,7 +132,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if loop.batch_size % (self.world * loop.grad_accum):
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={loop.batch_size} must divide by processes x grad_accum "
                 f"= {self.world} x {loop.grad_accum}"
             )
