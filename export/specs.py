@@ -47,6 +47,14 @@ class ExportSpec:
     outputs: tuple[TensorSpec, ...]
     # Per dynamic axis name: (min, opt, max), for TensorRT profiles and the parity check.
     profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # Triton merges concurrent requests into one execution (the UNet: denoising steps of
+    # different requests). Every tensor's leading axis is "batch".
+    dynamic_batching: bool = False
+
+    @property
+    def max_batch_size(self) -> int:
+        """The largest batch the graphs (and the TensorRT profile) are built for."""
+        return self.profile["batch"][2]
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -117,6 +125,7 @@ def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str
              TensorSpec("context", f32, ("batch", seq, dim))),
             (TensorSpec("noise_pred", f32, ("batch", cfg.unet.out_channels, "height", "width")),),
             {"batch": unet_batch, "height": lat, "width": lat},
+            dynamic_batching=True,
         ),
         "vae_decoder": ExportSpec(
             "vae_decoder",

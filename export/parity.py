@@ -1,0 +1,129 @@
+"""ONNX Runtime vs PyTorch on fresh random inputs, at several points of the spec's profile.
+
+Error measures, per output tensor, then the maximum over outputs and profile points:
+    max_abs = max |a - b|
+    max_rel = max |a - b| / max |b|        (a: ONNX Runtime, b: PyTorch)
+The relative error is normalised by the reference's largest magnitude, not element-wise:
+element-wise |a - b| / |b| explodes where b crosses zero (every UNet output has such
+elements), while a graph that is wrong anywhere shows up as a large max_rel. The check fails
+above `tol` (1e-4 for fp32: reordered float32 sums stay near 1e-6).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from export.ort import make_session
+from export.specs import ExportSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOL = 1e-4
+
+
+class ParityError(AssertionError):
+    """The ONNX graph disagrees with PyTorch beyond the tolerance."""
+
+
+@dataclass
+class ParityReport:
+    name: str
+    max_abs: float
+    max_rel: float
+    tol: float
+    seed: int
+    points: list[dict] = field(default_factory=list)  # axis sizes and errors per point
+    # Outputs whose PyTorch reference was all zeros somewhere: agreement there proves little
+    # (e.g. a freshly initialised UNet, whose output convolution starts at zero).
+    all_zero_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_rel <= self.tol)
+
+    def summary(self) -> str:
+        verdict = "ok" if self.ok else f"FAIL (> {self.tol:g})"
+        return (f"{self.name}: max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e} over "
+                f"{len(self.points)} shapes, {verdict}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(max |a - b|, max |a - b| / max |b|); the second is max_abs when b is all zeros."""
+    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+    if not np.isfinite(diff):  # NaN/inf anywhere in the ONNX output is a failure, not a max
+        return float("inf"), float("inf")
+    scale = float(np.max(np.abs(expected)))
+    return diff, diff / scale if scale > 0 else diff
+
+
+def parity_points(spec: ExportSpec) -> list[dict[str, int]]:
+    """Axis sizes to test: the profile's min, opt and max, plus max batch at min resolution
+    (the shapes where a wrongly-fixed axis shows up), without duplicates."""
+    points = [{axis: v[i] for axis, v in spec.profile.items()} for i in range(3)]
+    if len(spec.profile) > 1:
+        points.append({axis: v[2] if axis == "batch" else v[0]
+                       for axis, v in spec.profile.items()})
+    unique = []
+    for p in points:
+        if p not in unique:
+            unique.append(p)
+    return unique
+
+
+def check_parity(
+    module: nn.Module,
+    model: str | Path | ort.InferenceSession,
+    spec: ExportSpec,
+    tol: float = DEFAULT_TOL,
+    seed: int | None = None,
+    points: list[dict[str, int]] | None = None,
+) -> ParityReport:
+    """Run `module` (PyTorch, default attention kernel) and the ONNX model on the same fresh
+    random inputs at each profile point; raise ParityError when max_rel > tol.
+
+    `seed` None draws a new one (logged and reported, so a failure can be replayed).
+    """
+    session = model if isinstance(model, ort.InferenceSession) else make_session(model)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    generator = torch.Generator().manual_seed(seed)
+    report = ParityReport(spec.name, 0.0, 0.0, tol, seed)
+    module = module.eval()
+    for point in points or parity_points(spec):
+        inputs = spec.sample_inputs(generator=generator, **point)
+        with torch.no_grad():
+            expected = module(*inputs.values())
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        actual = session.run([t.name for t in spec.outputs],
+                             {k: v.numpy() for k, v in inputs.items()})
+        errors = {}
+        for t, a, b in zip(spec.outputs, actual, expected, strict=True):
+            b = b.numpy()
+            if a.shape != b.shape:
+                raise ParityError(f"{spec.name}.{t.name}: ONNX shape {a.shape} != PyTorch "
+                                  f"{b.shape} at {point}")
+            errors[t.name] = relative_error(a, b)
+            if not np.any(b) and t.name not in report.all_zero_outputs:
+                report.all_zero_outputs.append(t.name)
+        max_abs = max(e[0] for e in errors.values())
+        max_rel = max(e[1] for e in errors.values())
+        report.points.append({**point, "max_abs": max_abs, "max_rel": max_rel})
+        report.max_abs = max(report.max_abs, max_abs)
+        report.max_rel = max(report.max_rel, max_rel)
+    log.info("parity %s (seed %d)", report.summary(), seed)
+    if report.all_zero_outputs:
+        log.warning("parity %s: PyTorch output(s) %s are all zeros: the check is vacuous there",
+                    spec.name, report.all_zero_outputs)
+    if not report.ok:
+        raise ParityError(report.summary())
+    return report

@@ -1,0 +1,156 @@
+"""TensorRT fp16 engines from the exported ONNX files, one optimisation profile per spec.
+
+    status = trt_status()                       # (available, why not)
+    plan = build_engine(onnx_path, spec, engine_dir, EngineSettings())
+
+`tensorrt` is imported only inside the functions that need it, so everything else here (the
+profile shapes, cache keys, builder settings) runs and is tested on machines without it.
+
+Engines are cached as `<engine_dir>/<name>-<key>.plan`, key = sha256(ONNX file + external data,
+TensorRT version, GPU name, builder settings, profile): a plan is only valid for the TensorRT
+version and GPU model that built it, and Triton must run the same TensorRT version. One timing
+cache file per GPU/TensorRT version is shared by all builds, so a rebuild after a small graph
+change skips most kernel timing.
+
+Precision: fp16 builder flag with fp32 I/O (the spec's dtypes); TensorRT keeps
+LayerNormalization (opset 17) and Softmax accumulation in fp32. int64 I/O (`input_ids`,
+`timestep`) needs TensorRT >= 10.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from export.onnx_export import onnx_digest
+from export.specs import ExportSpec
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What a build depends on besides the ONNX file, the GPU and the TensorRT version."""
+
+    fp16: bool = True
+    workspace_gib: float = 8.0  # scratch memory tactics may use
+    optimization_level: int = 3  # builder optimisation level, 0..5 (3 is TensorRT's default)
+
+
+def profile_shapes(spec: ExportSpec) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Per input: (min, opt, max) shapes for `IOptimizationProfile.set_shape`."""
+    return {t.name: tuple(spec.concrete_shape(t, which) for which in range(3))
+            for t in spec.inputs}
+
+
+def builder_plan(spec: ExportSpec, settings: EngineSettings) -> dict:
+    """Everything `build_engine` sets on the builder config, as plain data (tested here, used
+    verbatim on the GPU host)."""
+    if not 0 <= settings.optimization_level <= 5:
+        raise ValueError(f"optimization_level must be in 0..5, got {settings.optimization_level}")
+    if settings.workspace_gib <= 0:
+        raise ValueError(f"workspace_gib must be > 0, got {settings.workspace_gib}")
+    return {
+        "flags": ["FP16"] if settings.fp16 else [],
+        "workspace_bytes": int(settings.workspace_gib * 2**30),
+        "optimization_level": settings.optimization_level,
+        "profile": {k: [list(s) for s in v] for k, v in profile_shapes(spec).items()},
+    }
+
+
+def engine_key(onnx_hash: str, trt_version: str, gpu_name: str, spec: ExportSpec,
+               settings: EngineSettings) -> str:
+    """sha256 of what a plan depends on (hex, first 16 characters are used in file names)."""
+    payload = {"onnx": onnx_hash, "tensorrt": trt_version, "gpu": gpu_name,
+               "settings": asdict(settings), "plan": builder_plan(spec, settings)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def engine_path(engine_dir: str | Path, name: str, key: str) -> Path:
+    return Path(engine_dir) / f"{name}-{key[:16]}.plan"
+
+
+def timing_cache_path(engine_dir: str | Path, trt_version: str, gpu_name: str) -> Path:
+    """One timing cache per (TensorRT version, GPU model): timings do not transfer."""
+    gpu = "".join(c if c.isalnum() else "_" for c in gpu_name)
+    return Path(engine_dir) / f"timing-trt{trt_version}-{gpu}.cache"
+
+
+def trt_status() -> tuple[bool, str]:
+    """(True, "TensorRT x on GPU") when engines can be built here, else (False, reason)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "no `tensorrt` package"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"TensorRT {trt.__version__} present but no CUDA GPU"
+    return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path,
+                 settings: EngineSettings = EngineSettings()) -> Path:
+    """The cached plan for this ONNX file, GPU and TensorRT version, built if missing."""
+    import tensorrt as trt
+
+    engine_dir = Path(engine_dir)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    gpu = gpu_name()
+    key = engine_key(onnx_digest(onnx_path), trt.__version__, gpu, spec, settings)
+    path = engine_path(engine_dir, spec.name, key)
+    if path.is_file():
+        log.info("%s: engine up to date (%s)", spec.name, path.name)
+        return path
+    plan = builder_plan(spec, settings)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
+    major = int(trt.__version__.split(".")[0])
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file resolves model.onnx.data relative to the file.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{spec.name}: TensorRT cannot parse {onnx_path}: {errors}")
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if sorted(inputs) != sorted(plan["profile"]):
+        raise RuntimeError(f"{spec.name}: network inputs {inputs} != spec {list(plan['profile'])}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan["workspace_bytes"])
+    config.builder_optimization_level = plan["optimization_level"]
+    for flag in plan["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in plan["profile"].items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    cache_file = timing_cache_path(engine_dir, trt.__version__, gpu)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    log.info("%s: building TensorRT engine (%s)", spec.name, ", ".join(plan["flags"]) or "fp32")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{spec.name}: TensorRT engine build failed (see the log above)")
+    tmp = path.with_suffix(".plan.tmp")
+    tmp.write_bytes(bytes(serialized))
+    tmp.replace(path)
+    timing = config.get_timing_cache()
+    cache_tmp = cache_file.with_suffix(".tmp")
+    cache_tmp.write_bytes(bytes(timing.serialize()))
+    cache_tmp.replace(cache_file)
+    return path

@@ -1,0 +1,42 @@
+"""Triton Python-backend model: one ONNX model on ONNX Runtime (CPU).
+
+Copied to `<repository>/<model>/1/model.py` by export/build_engines.py, next to `model.onnx`
+and a copy of the `export` modules it imports. All requests of one `execute()` call run as
+merged batches; each request gets its own response, and its own error if it fails
+(see export/python_backend.py).
+"""
+import json
+import sys
+from pathlib import Path
+
+# The `export` package copied beside this file wins over any other on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
+
+from export.python_backend import OnnxBatchModel, threads_for  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        threads = threads_for(params.get("intra_op_threads"), instances)
+        self.model = OnnxBatchModel(path, threads)
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        arrays = [{t.name(): t.as_numpy() for t in r.inputs()} for r in requests]
+        responses = []
+        for result in self.model.run_requests(arrays):
+            if isinstance(result, Exception):
+                error = pb_utils.TritonError(f"{type(result).__name__}: {result}")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+            else:
+                tensors = [pb_utils.Tensor(n, np.ascontiguousarray(result[n]))
+                           for n in self.outputs]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses

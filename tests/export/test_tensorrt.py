@@ -1,0 +1,123 @@
+"""TensorRT build logic that runs without a GPU: profiles, builder settings, cache keys.
+
+The engine build itself runs only where `tensorrt` and a CUDA GPU exist (marker `gpu`).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from export.specs import GRAPHS, ShapeLimits, build_specs
+from export.tensorrt import (
+    EngineSettings,
+    builder_plan,
+    engine_key,
+    engine_path,
+    profile_shapes,
+    timing_cache_path,
+    trt_status,
+)
+
+
+@pytest.fixture
+def specs(tiny_model):
+    # tiny model: 4 latent channels, 77 tokens x 32, f=4 autoencoder
+    return build_specs(tiny_model.config, ShapeLimits(max_batch=3, min_latent=4, max_latent=8))
+
+
+def test_unet_profile_doubles_the_batch_for_guidance(specs):
+    assert profile_shapes(specs["unet"]) == {
+        "latent": ((1, 4, 4, 4), (2, 4, 4, 4), (6, 4, 8, 8)),
+        "timestep": ((1,), (2,), (6,)),
+        "context": ((1, 77, 32), (2, 77, 32), (6, 77, 32)),
+    }
+
+
+def test_text_and_vae_profiles(specs):
+    assert profile_shapes(specs["text_encoder"]) == {
+        "input_ids": ((1, 77), (1, 77), (3, 77))}
+    assert profile_shapes(specs["vae_decoder"]) == {
+        "latent": ((1, 4, 4, 4), (1, 4, 4, 4), (3, 4, 8, 8))}
+    assert profile_shapes(specs["vae_encoder"]) == {
+        "image": ((1, 3, 16, 16), (1, 3, 16, 16), (3, 3, 32, 32))}
+
+
+def test_builder_plan(specs):
+    plan = builder_plan(specs["unet"], EngineSettings(workspace_gib=0.5))
+    assert plan == {
+        "flags": ["FP16"], "workspace_bytes": 512 * 2**20, "optimization_level": 3,
+        "profile": {"latent": [[1, 4, 4, 4], [2, 4, 4, 4], [6, 4, 8, 8]],
+                    "timestep": [[1], [2], [6]],
+                    "context": [[1, 77, 32], [2, 77, 32], [6, 77, 32]]},
+    }
+    assert builder_plan(specs["unet"], EngineSettings(fp16=False))["flags"] == []
+    with pytest.raises(ValueError, match="optimization_level"):
+        builder_plan(specs["unet"], EngineSettings(optimization_level=6))
+    with pytest.raises(ValueError, match="workspace_gib"):
+        builder_plan(specs["unet"], EngineSettings(workspace_gib=0))
+
+
+def test_engine_key_changes_with_each_input(specs, tiny_model):
+    spec, s = specs["unet"], EngineSettings()
+    base = engine_key("a" * 64, "10.3.0", "NVIDIA H100", spec, s)
+    assert base == engine_key("a" * 64, "10.3.0", "NVIDIA H100", spec, s)  # deterministic
+    assert len(base) == 64 and int(base, 16) >= 0
+    other_spec = build_specs(tiny_model.config, ShapeLimits(max_batch=4))["unet"]
+    variants = [
+        engine_key("b" * 64, "10.3.0", "NVIDIA H100", spec, s),  # ONNX changed
+        engine_key("a" * 64, "10.4.0", "NVIDIA H100", spec, s),  # TensorRT upgraded
+        engine_key("a" * 64, "10.3.0", "NVIDIA L4", spec, s),  # other GPU
+        engine_key("a" * 64, "10.3.0", "NVIDIA H100", spec, EngineSettings(fp16=False)),
+        engine_key("a" * 64, "10.3.0", "NVIDIA H100", other_spec, s),  # other profile
+    ]
+    assert len({base, *variants}) == 6
+
+
+def test_engine_and_timing_cache_paths(tmp_path):
+    assert engine_path(tmp_path, "unet", "0123456789abcdef" * 4) == \
+        tmp_path / "unet-0123456789abcdef.plan"
+    assert timing_cache_path(tmp_path, "10.3.0", "NVIDIA H100 80GB HBM3") == \
+        tmp_path / "timing-trt10.3.0-NVIDIA_H100_80GB_HBM3.cache"
+
+
+def test_trt_status_says_why_not():
+    ok, why = trt_status()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    assert ok == (has_trt and torch.cuda.is_available())
+    if not has_trt:
+        assert (ok, why) == (False, "no `tensorrt` package")
+
+
+@pytest.mark.gpu
+def test_build_and_run_unet_engine(tiny_model, specs, tmp_path):  # pragma: no cover - GPU only
+    if not trt_status()[0]:
+        pytest.skip(trt_status()[1])
+    import tensorrt as trt
+
+    from export.onnx_export import export_onnx
+    from export.tensorrt import build_engine
+
+    spec = specs["unet"]
+    graph = GRAPHS["unet"](tiny_model)
+    onnx_path = export_onnx(graph, spec, tmp_path / "unet" / "model.onnx")
+    plan = build_engine(onnx_path, spec, tmp_path / "engines")
+    assert build_engine(onnx_path, spec, tmp_path / "engines") == plan  # cached
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan.read_bytes())
+    context = engine.create_execution_context()
+    inputs = spec.sample_inputs(which=2, generator=torch.Generator().manual_seed(0))
+    stream = torch.cuda.Stream()
+    device = {k: v.cuda() for k, v in inputs.items()}
+    for name, t in device.items():
+        context.set_input_shape(name, tuple(t.shape))
+        context.set_tensor_address(name, t.data_ptr())
+    out = torch.empty(inputs["latent"].shape, device="cuda")
+    context.set_tensor_address("noise_pred", out.data_ptr())
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    with torch.no_grad():
+        ref = graph(*inputs.values()).numpy()
+    err = np.abs(out.cpu().numpy() - ref).max() / np.abs(ref).max()
+    assert err < 1e-2  # fp16
