@@ -1,0 +1,122 @@
+"""Triton glue of the pipeline models: BLS calls, request inputs, response tensors, errors.
+
+Imported only inside Triton's Python-backend stub (it needs `triton_python_backend_utils`);
+the logic it wires up lives in `server.limits` and `server.txt2img` and is tested without
+Triton. The `model.py` files of `ldm_txt2img` and `ldm_txt2img_stream` are a few lines each
+on top of this module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from ldm.modules.text_encoder import BERTTokenizer
+from server.limits import InvalidRequest, Limits
+from server.txt2img import (
+    ALPHAS_FILE,
+    TOKENIZER_DIR,
+    Cancelled,
+    PipelineInfo,
+    Progress,
+    Result,
+    ServingOptions,
+    Txt2ImgService,
+    check_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+def parameters(model_config: dict) -> dict[str, str]:
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A pb_utils.Tensor as a host array (BLS outputs of GPU models may live on the GPU)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+def bls_function(target: dict) -> Callable[..., np.ndarray]:
+    """A numpy function calling model `target["model"]` (see `PipelineInfo`) through BLS."""
+    model, names, output = target["model"], target["inputs"], target["output"]
+    unsqueeze = set(target.get("unsqueeze", ()))
+
+    def call(*arrays: np.ndarray) -> np.ndarray:
+        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a[..., None] if name in unsqueeze
+                                                               else a))
+                   for name, a in zip(names, arrays, strict=True)]
+        response = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=[output], inputs=tensors).exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        return to_numpy(pb_utils.get_output_tensor_by_name(response, output))
+
+    return call
+
+
+def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
+    """Everything `initialize` needs, from the model's config and its version folder."""
+    config = json.loads(args["model_config"])
+    params = parameters(config)
+    check_parameters(params)
+    limits = Limits.from_parameters(params)
+    options = ServingOptions.from_parameters(params)
+    torch.set_num_threads(options.torch_threads)
+    folder = Path(args["model_repository"]) / args["model_version"]
+    info = PipelineInfo.load(folder)
+    tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
+    service = Txt2ImgService(
+        info, np.load(folder / ALPHAS_FILE), tokenizer,
+        encode_fn=bls_function(info.text_encoder),
+        unet_fn=bls_function(info.unet),
+        decode_fn=bls_function(info.vae_decoder),
+        options=options,
+    )
+    log.info("%s ready: limits %s", config.get("name"), limits)
+    return service, limits, options
+
+
+def read_inputs(request) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in request.inputs()}
+
+
+def error_for(exc: BaseException):
+    """The TritonError for an exception: bad values are the client's, the rest are ours."""
+    if isinstance(exc, InvalidRequest):
+        return _error(str(exc), "INVALID_ARG")
+    if isinstance(exc, Cancelled):
+        return _error(str(exc), "CANCELLED")
+    log.exception("request failed", exc_info=exc)
+    return _error(f"internal error: {type(exc).__name__}: {exc}", "INTERNAL")
+
+
+def _error(message: str, code: str):
+    # Looked up per call: the stub adds TritonError to pb_utils only after importing model.py.
+    value = getattr(pb_utils.TritonError, code, None)
+    if value is None:  # older Python backends: message only
+        return pb_utils.TritonError(message)
+    return pb_utils.TritonError(message, value)
+
+
+def result_tensors(result: Result) -> list:
+    return [
+        pb_utils.Tensor("images", np.ascontiguousarray(result.images)),
+        pb_utils.Tensor("warnings", np.array([w.encode() for w in result.warnings],
+                                             dtype=np.object_)),
+        pb_utils.Tensor("used_seed", np.array([result.seed], dtype=np.int64)),
+    ]
+
+
+def progress_tensors(progress: Progress) -> list:
+    tensors = [pb_utils.Tensor("step", np.array([progress.step], dtype=np.int32)),
+               pb_utils.Tensor("total", np.array([progress.total], dtype=np.int32))]
+    if progress.preview is not None:
+        tensors.append(pb_utils.Tensor("preview", np.ascontiguousarray(progress.preview)))
+    return tensors

@@ -1,0 +1,377 @@
+"""Find, prepare and run a Triton Inference Server binary against a model repository.
+
+Where the binary comes from, in order:
+
+1. an explicit path (`--tritonserver /opt/tritonserver/bin/tritonserver`);
+2. `tritonserver` on PATH (NVIDIA's container, which also has the ONNX Runtime and TensorRT
+   backends);
+3. the copy bundled in the PyPI wheel `nvidia-pytriton` (CPU hosts, Python backend only). The
+   wheel's folder is read-only in spirit, so it is copied once to
+   `~/.cache/ldm-serve/tritonserver-<version>-py<X.Y>/` together with the Python-backend stub
+   built for the running interpreter (what PyTriton itself does at start-up).
+
+Example::
+
+    with TritonServer("model_repository", log_path="triton.log") as server:
+        print(server.http_url, server.grpc_url)
+
+or in the foreground, until Ctrl-C::
+
+    python -m server.triton model_repository --grpc-port 8001 [--tritonserver PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "LDM_SERVE_CACHE"
+# The folder holding the `ldm` and `server` packages: Python-backend models import them.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A runnable `tritonserver`: the binary, its backends folder and the environment it needs."""
+
+    binary: Path
+    backend_dir: Path | None = None  # None: the binary's built-in default
+    cache_dir: Path | None = None  # response-cache plugins (`--cache-directory`)
+    env: dict[str, str] = field(default_factory=dict)  # added to / prepended in os.environ
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/ldm-serve")).expanduser()
+
+
+def _prepend(var: str, value: str, env: dict[str, str] | None = None) -> str:
+    old = (env or os.environ).get(var, "")
+    return f"{value}{os.pathsep}{old}" if old else value
+
+
+def prepare_pytriton(cache: Path | None = None) -> TritonInstall:
+    """Copy the wheel's `tritonserver` folder (plus the matching stub) into the cache, once.
+
+    The copy is built beside its final name and renamed into place, so concurrent callers and
+    interrupted copies never leave a half-written server behind.
+    """
+    try:
+        import pytriton
+    except ImportError as e:
+        raise FileNotFoundError(
+            "no tritonserver: pass --tritonserver PATH, put one on PATH, or "
+            "`pip install nvidia-pytriton`"
+        ) from e
+    from importlib.metadata import version
+
+    pkg = Path(pytriton.__file__).parent
+    dist = pkg / "tritonserver"
+    libs = pkg.parent / "nvidia_pytriton.libs"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        have = sorted(p.name for p in (dist / "python_backend_stubs").iterdir())
+        raise FileNotFoundError(f"nvidia-pytriton has no Python-backend stub for {py} ({have})")
+    target = (cache or cache_root()) / f"tritonserver-{version('nvidia-pytriton')}-py{py}"
+    if not (target / "bin" / "tritonserver").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            shutil.copytree(dist, tmp / "t", ignore=shutil.ignore_patterns("python_backend_stubs"))
+            shutil.copy2(stub, tmp / "t" / "backends" / "python" / "triton_python_backend_stub")
+            try:
+                os.replace(tmp / "t", target)
+            except OSError:  # another process won the race: use its copy
+                if not (target / "bin" / "tritonserver").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("prepared tritonserver from nvidia-pytriton in %s", target)
+    venv_bin = str(Path(sys.executable).parent)
+    lib_path = str(libs)
+    own = python_libdir()
+    if own is not None:
+        lib_path = f"{own}{os.pathsep}{lib_path}"
+    return TritonInstall(
+        binary=target / "bin" / "tritonserver",
+        backend_dir=target / "backends",
+        cache_dir=target / "caches",
+        # The stub embeds libpython; with the venv's bin first on PATH it also finds the
+        # venv's site-packages (numpy, torch, onnxruntime).
+        env={"LD_LIBRARY_PATH": _prepend("LD_LIBRARY_PATH", lib_path),
+             "PATH": _prepend("PATH", venv_bin)},
+    )
+
+
+def python_libdir() -> Path | None:
+    """The folder of the running interpreter's shared libpython, when it has one.
+
+    The stub links `libpython3.X.so.1.0` by name; without this the loader may pick the
+    system's (Debian's 3.11.2 here) while the standard-library extension modules come from
+    this interpreter (pyenv's 3.11.7): `import ssl` (hence transformers) then fails with
+    "undefined symbol: _PyModule_Add".
+    """
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).is_file():
+        return Path(libdir)
+    return None
+
+
+def find_tritonserver(explicit: str | Path | None = None) -> TritonInstall:
+    """The binary to run: `explicit`, else `tritonserver` on PATH, else nvidia-pytriton's."""
+    if explicit is not None:
+        binary = Path(explicit)
+        if not binary.is_file():
+            raise FileNotFoundError(f"no tritonserver binary at {binary}")
+        backends = binary.resolve().parent.parent / "backends"
+        return TritonInstall(binary, backends if backends.is_dir() else None)
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path))
+    return prepare_pytriton()
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 right now (all bound at once, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+class TritonServer:
+    """One `tritonserver` process serving `repository`, reachable on `host` only.
+
+    Ports default to free ones. `start()` returns once `/v2/health/ready` answers 200 (every
+    model loaded), and raises with the end of the log if the process exits or the deadline
+    passes first.
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        *,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: str | Path | None = None,
+        tritonserver: str | Path | None = None,
+        pythonpath: tuple[str | Path, ...] = (PROJECT_ROOT,),
+        extra_args: tuple[str, ...] = (),
+        log_verbose: int = 0,
+        die_with_parent: bool = True,
+    ):
+        self.repository = Path(repository).resolve()
+        ports = free_ports(3)
+        self.http_port = http_port or ports[0]
+        self.grpc_port = grpc_port or ports[1]
+        self.metrics_port = metrics_port or ports[2]
+        self.host = host
+        self.log_path = Path(log_path) if log_path else None
+        self.tritonserver = tritonserver
+        self.pythonpath = tuple(str(p) for p in pythonpath)
+        self.extra_args = tuple(extra_args)
+        self.log_verbose = log_verbose
+        # SIGTERM the server when this process dies (Linux), so a killed test run or launcher
+        # leaves no orphan server holding ports and memory.
+        self.die_with_parent = die_with_parent
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if install.backend_dir is not None:
+            cmd.append(f"--backend-directory={install.backend_dir}")
+        if install.cache_dir is not None:
+            cmd.append(f"--cache-directory={install.cache_dir}")
+        return [*cmd, *self.extra_args]
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = {**os.environ, **install.env}
+        if self.pythonpath:
+            env["PYTHONPATH"] = _prepend("PYTHONPATH", os.pathsep.join(self.pythonpath), env)
+        return env
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        if self.process is not None:
+            raise RuntimeError("server already started")
+        install = find_tritonserver(self.tritonserver)
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cmd = self.command(install)
+        log.info("starting %s (log: %s)", " ".join(cmd), self.log_path)
+        self.process = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.environment(install), start_new_session=True,
+            preexec_fn=_parent_death_signal if self.die_with_parent else None,
+        )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while True:
+            if not self.is_alive():
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode} before it was "
+                    f"ready; log tail:\n{self.log_tail()}"
+                )
+            if _http_ok(url):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"tritonserver not ready after {timeout:.0f} s; log tail:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def is_ready(self) -> bool:
+        return self.is_alive() and _http_ok(f"http://{self.http_url}/v2/health/ready")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests and unloads), then SIGKILL; the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0f s: killing it", timeout)
+                # The process group: Python-backend stubs are its children.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _parent_death_signal() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m server.triton",
+                                description="Run tritonserver on a model repository.")
+    p.add_argument("repository", type=Path, nargs="?", default=Path("model_repository"))
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--tritonserver", type=Path,
+                   help="binary to run (default: tritonserver on PATH, else nvidia-pytriton's)")
+    p.add_argument("--log", type=Path, help="log file (default: a temporary file)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.repository.is_dir():
+        print(f"error: no model repository at {args.repository}", file=sys.stderr)
+        return 1
+    server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, host=args.host, log_path=args.log,
+                          tritonserver=args.tritonserver)
+    try:
+        server.start(args.timeout)
+    except (RuntimeError, TimeoutError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}"
+          f" (log {server.log_path})", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        while server.is_alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+import math
+
+import numpy as np
+import pytest
+
+from server.limits import (
+    INPUTS,
+    KNOWN_SAMPLERS,
+    MAX_SEED,
+    GenerationRequest,
+    InvalidRequest,
+    Limits,
+    parse_request,
+)
+
+LIMITS = Limits(sizes=(256, 128, 320), max_steps=50, min_guidance_scale=1.0,
+                max_guidance_scale=12.0, max_images=3, max_prompt_chars=40,
+                samplers=("ddim", "dpmpp_2m"), default_steps=20, default_guidance_scale=7.5,
+                default_sampler="dpmpp_2m")
+
+
+def _bytes(s: str | bytes) -> np.ndarray:
+    return np.array([s.encode() if isinstance(s, str) else s], dtype=np.object_)
+
+
+def test_known_samplers_match_the_registry():
+    from ldm.samplers import SAMPLERS
+
+    assert sorted(KNOWN_SAMPLERS) == sorted(SAMPLERS)
+
+
+def test_inputs_cover_the_request_fields():
+    assert set(INPUTS) == {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale",
+                           "seed", "sampler", "num_images", "height", "width"}
+
+
+def test_defaults_fill_missing_inputs():
+    req = parse_request({"prompt": _bytes("a red circle"), "seed": np.array([7])}, LIMITS)
+    assert req == GenerationRequest(prompt="a red circle", negative_prompt="", steps=20,
+                                    guidance_scale=7.5, seed=7, sampler="dpmpp_2m",
+                                    num_images=1, height=256, width=256)
+
+
+def test_all_inputs_parsed():
+    req = parse_request({
+        "prompt": _bytes("x"), "negative_prompt": _bytes("blurry"),
+        "num_inference_steps": np.array([50], np.int32),
+        "guidance_scale": np.array([1.0], np.float32), "seed": np.array([MAX_SEED], np.int64),
+        "sampler": _bytes(" DDIM "), "num_images": np.array([3], np.int32),
+        "height": np.array([128], np.int32), "width": np.array([320], np.int32),
+    }, LIMITS)
+    assert (req.negative_prompt, req.steps, req.guidance_scale, req.seed, req.sampler,
+            req.num_images, req.height, req.width) == ("blurry", 50, 1.0, MAX_SEED, "ddim", 3,
+                                                       128, 320)
+
+
+def test_absent_optional_inputs_may_be_none():
+    req = parse_request({"prompt": _bytes("x"), "negative_prompt": None, "seed": None}, LIMITS)
+    assert req.negative_prompt == ""
+    assert 0 <= req.seed <= MAX_SEED
+
+
+def test_missing_seed_draws_a_fresh_one():
+    seeds = {parse_request({"prompt": _bytes("x")}, LIMITS).seed for _ in range(8)}
+    assert len(seeds) > 1
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"prompt": _bytes(b"\xff\xfe")}, "prompt is not valid UTF-8"),
+    ({"prompt": _bytes("x" * 41)}, "prompt has 41 characters; at most 40"),
+    ({"negative_prompt": _bytes("y" * 41)}, "negative_prompt has 41 characters"),
+    ({"prompt": np.array([b"a", b"b"], dtype=np.object_)}, "prompt must hold exactly one value"),
+    ({"prompt": np.array([1.5])}, "prompt must be a string"),
+    ({"num_inference_steps": np.array([0])}, "num_inference_steps must be in [1, 50], got 0"),
+    ({"num_inference_steps": np.array([51])}, "num_inference_steps must be in [1, 50], got 51"),
+    ({"num_inference_steps": np.array([2.0])}, "num_inference_steps must be an integer"),
+    ({"guidance_scale": np.array([12.5], np.float32)}, "guidance_scale must be in [1, 12]"),
+    ({"guidance_scale": np.array([0.5], np.float32)}, "guidance_scale must be in [1, 12]"),
+    ({"guidance_scale": np.array([math.nan], np.float32)}, "guidance_scale must be in"),
+    ({"guidance_scale": np.array([math.inf], np.float32)}, "guidance_scale must be in"),
+    ({"seed": np.array([-1])}, f"seed must be in [0, {MAX_SEED}], got -1"),
+    ({"sampler": _bytes("plms")}, "unknown sampler 'plms'; allowed: ddim, dpmpp_2m"),
+    ({"sampler": _bytes("euler")}, "unknown sampler 'euler'"),
+    ({"num_images": np.array([4])}, "num_images must be in [1, 3], got 4"),
+    ({"num_images": np.array([0])}, "num_images must be in [1, 3], got 0"),
+    ({"height": np.array([64])},
+     "height 64 is not supported by this model; allowed: 256, 128, 320"),
+    ({"width": np.array([257])}, "width 257 is not supported"),
+    ({"steps": np.array([3])}, "unknown input(s) ['steps']"),
+])
+def test_bad_values_raise_clear_errors(inputs, message):
+    with pytest.raises(InvalidRequest) as e:
+        parse_request({"prompt": _bytes("a red circle"), **inputs}, LIMITS)
+    assert message in str(e.value)
+
+
+def test_prompt_is_required():
+    with pytest.raises(InvalidRequest, match="'prompt' is required"):
+        parse_request({"seed": np.array([1])}, LIMITS)
+
+
+def test_parameters_round_trip():
+    params = LIMITS.to_parameters()
+    assert all(isinstance(v, str) for v in params.values())
+    assert params["sizes"] == "256,128,320" and params["samplers"] == "ddim,dpmpp_2m"
+    assert Limits.from_parameters({**params, "preview": "latent"}) == LIMITS
+
+
+def test_parameters_need_sizes_and_valid_numbers():
+    with pytest.raises(ValueError, match="sizes"):
+        Limits.from_parameters({"max_steps": "10"})
+    with pytest.raises(ValueError, match=r"parameter max_steps='ten'"):
+        Limits.from_parameters({"sizes": "16", "max_steps": "ten"})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sizes": ()}, "sizes"),
+    ({"max_steps": 10, "default_steps": 11}, "default_steps"),
+    ({"min_guidance_scale": 3.0, "max_guidance_scale": 2.0, "default_guidance_scale": 2.5},
+     "guidance range"),
+    ({"default_guidance_scale": 30.0}, "default_guidance_scale"),
+    ({"samplers": ("ddim", "euler")}, "unknown sampler"),
+    ({"samplers": ("plms",)}, "default_sampler"),
+    ({"max_images": 0}, "max_images"),
+])
+def test_inconsistent_limits_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Limits(**{"sizes": (16,), **kwargs})

@@ -1,0 +1,151 @@
+"""write_pipeline_models: the files it writes, checked with Triton's own config schema."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export.specs import ShapeLimits, build_specs
+from ldm.modules.text_encoder import BERTTokenizer
+from server.limits import INPUTS, Limits
+from server.repository import (
+    PIPELINE_SOURCES,
+    PROJECT_ROOT,
+    default_limits,
+    supported_sizes,
+    write_pipeline_models,
+)
+from server.txt2img import PipelineInfo, ServingOptions
+from tests.conftest import make_tiny_ldm
+
+# What export/repository.py passes (its _write_pipeline).
+EXPORT_OPTIONS = {"backend": "python", "models": ["text_encoder", "unet", "vae_decoder"],
+                  "model_config": "model_config.yaml", "instance_kind": "KIND_CPU",
+                  "instances": 1, "max_batch": 3, "weights": "ema"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_ldm()
+
+
+@pytest.fixture(scope="module")
+def specs(model):
+    # Latents 2..8 (the UNet halves once: even sizes), trained size 4; VAE factor 4.
+    return build_specs(model.config, ShapeLimits(max_batch=3, min_latent=2, max_latent=8))
+
+
+@pytest.fixture(scope="module")
+def repo(model, specs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo")
+    written = write_pipeline_models(out, model, specs, {
+        **EXPORT_OPTIONS, "pipeline_instances": 3,
+        "limits": {"max_steps": 30, "sizes": [16, 32]},
+        "serving": {"preview_every": 2}})
+    assert written == ["ldm_txt2img", "ldm_txt2img_stream"]
+    return out
+
+
+def read_config(path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_sizes_and_image_count_follow_the_specs(model, specs):
+    assert supported_sizes(model, specs) == [16, 8, 24, 32]  # trained size first
+    limits = default_limits(model, specs)
+    assert limits.sizes == (16, 8, 24, 32) and limits.default_size == 16
+    assert limits.max_images == 3  # vae batch 3, guided unet batch 6 / 2
+
+
+def test_lowered_max_steps_lowers_the_default(model, specs):
+    limits = default_limits(model, specs, {"max_steps": 10})
+    assert (limits.max_steps, limits.default_steps) == (10, 10)
+    with pytest.raises(ValueError, match="exceeds the model's 1000 timesteps"):
+        default_limits(model, specs, {"max_steps": 1001})
+
+
+def test_configs_parse_with_tritons_schema(repo):
+    for name, decoupled in [("ldm_txt2img", False), ("ldm_txt2img_stream", True)]:
+        cfg = read_config(repo / name / "config.pbtxt")
+        assert cfg.name == name and cfg.backend == "python" and cfg.max_batch_size == 0
+        assert cfg.model_transaction_policy.decoupled is decoupled
+        inputs = {i.name: i for i in cfg.input}
+        assert list(inputs) == list(INPUTS)
+        assert inputs["prompt"].data_type == model_config_pb2.TYPE_STRING
+        assert not inputs["prompt"].optional
+        assert all(inputs[n].optional for n in INPUTS if n != "prompt")
+        assert inputs["seed"].data_type == model_config_pb2.TYPE_INT64
+        assert inputs["guidance_scale"].data_type == model_config_pb2.TYPE_FP32
+        outputs = {o.name: o for o in cfg.output}
+        assert list(outputs["images"].dims) == [-1, -1, -1, 3]
+        assert outputs["images"].data_type == model_config_pb2.TYPE_UINT8
+        assert {"warnings", "used_seed"} <= set(outputs)
+        assert ({"step", "total", "preview"} <= set(outputs)) is decoupled
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        limits = Limits.from_parameters(params)
+        assert limits.max_steps == 30 and limits.sizes == (16, 32) and limits.max_images == 3
+        assert ServingOptions.from_parameters(params).preview_every == 2
+        # Non-streaming: concurrent requests need instances; streaming: threads.
+        assert cfg.instance_group[0].count == (1 if decoupled else 3)
+
+
+def test_pipeline_facts(repo, model):
+    version = repo / "ldm_txt2img" / "1"
+    info = PipelineInfo.load(version)
+    assert (info.latent_channels, info.downsample_factor, info.parameterization,
+            info.max_seq_len, info.scale_factor) == (4, 4, "eps", 77, 0.5)
+    # The UNet's (B,) timestep is declared dims [1] + reshape in the batched unet config.
+    assert info.unet == {"model": "unet", "inputs": ["latent", "timestep", "context"],
+                         "output": "noise_pred", "unsqueeze": ["timestep"]}
+    assert info.text_encoder["unsqueeze"] == [] and info.vae_decoder["output"] == "image"
+    alphas = np.load(version / "alphas_cumprod.npy")
+    assert alphas.dtype == np.float32
+    np.testing.assert_array_equal(alphas, model.alphas_cumprod.numpy())
+
+
+def test_tokenizer_is_saved_with_identical_ids(repo, model):
+    saved = BERTTokenizer(repo / "ldm_txt2img_stream" / "1" / "tokenizer")
+    texts = ["a red circle in the top left", "Héllo, wörld!! unaffable", "word " * 90, ""]
+    ids, cut = saved.tokenize(texts)
+    want_ids, want_cut = model.cond_stage_model.tknz_fn.tokenize(texts)
+    assert ids.tolist() == want_ids.tolist() and cut == want_cut == [False, False, True, False]
+    assert ids[0, :3].tolist() == [101, 1037, 2417]  # [CLS] a red: bert-base-uncased ids
+
+
+def test_model_folders_are_self_contained(repo):
+    version = repo / "ldm_txt2img" / "1"
+    for rel in PIPELINE_SOURCES:
+        assert (version / rel).read_bytes() == (PROJECT_ROOT / rel).read_bytes(), rel
+    assert (version / "model.py").read_bytes() == (
+        PROJECT_ROOT / "server" / "triton_models" / "ldm_txt2img" / "model.py").read_bytes()
+    # The copied modules import without this project on the path.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ldm.pipeline, server.txt2img, "
+            "ldm.modules.text_encoder; assert server.txt2img.__file__.startswith(sys.argv[1])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code, str(version)], cwd=repo, env=env, check=True)
+
+
+def test_rejects_bad_options(model, specs, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown pipeline option\(s\) \['colour'\]"):
+        write_pipeline_models(tmp_path, model, specs, {"colour": "red"})
+    with pytest.raises(ValueError, match=r"sizes \[20\] are not covered"):
+        write_pipeline_models(tmp_path, model, specs, {"limits": {"sizes": [16, 20]}})
+    with pytest.raises(ValueError, match="max_images 4 exceeds"):
+        write_pipeline_models(tmp_path, model, specs, {"limits": {"max_images": 4}})
+    with pytest.raises(ValueError, match=r"unknown limit\(s\) \['max_step'\]"):
+        write_pipeline_models(tmp_path, model, specs, {"limits": {"max_step": 4}})
+    with pytest.raises(ValueError, match="unknown pipeline model"):
+        write_pipeline_models(tmp_path, model, specs, {"pipeline_models": ["txt2img"]})
+    assert not any(tmp_path.iterdir())
+
+
+def test_skipped_without_the_models_it_calls(model, specs, tmp_path):
+    assert write_pipeline_models(tmp_path, model, specs,
+                                 {**EXPORT_OPTIONS, "models": ["unet", "vae_decoder"]}) == []
+    assert not any(tmp_path.iterdir())
+
