@@ -54,14 +54,16 @@ def autoencoder_task(cfg: AutoencoderTrainConfig, val_set, init_from: str | None
     from ldm.training.autoencoder_task import AutoencoderTask
 
     val_images = collate([val_set[i] for i in range(min(8, len(val_set)))])["image"]
-    task = AutoencoderTask(cfg.model, val_images)
+    task = AutoencoderTask(cfg.model, val_images, cfg.freeze_encoder)
     if init_from:
         from ldm.pretrained import load_pretrained
 
         src = load_pretrained(init_from, strict=False)
         missing, unexpected = task.model.load_state_dict(src.state_dict(), strict=False)
-        log.info("init from %s (missing %d, unexpected %d keys)", init_from, len(missing),
-                 len(unexpected))
+        if unexpected or any(not k.startswith("loss.") for k in missing):
+            raise ConfigError(f"--init-from {init_from} does not match model: missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}")
+        log.info("init from %s (%d loss keys initialised fresh)", init_from, len(missing))
     return task
 
 

@@ -127,8 +127,8 @@ class DDPM(nn.Module):
 
         self.model = DiffusionWrapper(unet, cfg.conditioning_key)
         self.use_ema = cfg.use_ema
-        if self.use_ema:
-            self.model_ema = LitEma(self.model)
+        # None (not absent) without EMA, so callers can test `model.model_ema is not None`.
+        self.model_ema: LitEma | None = LitEma(self.model) if self.use_ema else None
 
         # sigma_t^2 = (1 - v) beta_tilde_t + v beta_t (Ho et al. sec. 3.2: both are valid choices)
         self.v_posterior = cfg.v_posterior

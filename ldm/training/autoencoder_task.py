@@ -30,19 +30,25 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
 
 
 class AutoencoderTask:
-    def __init__(self, cfg: AutoencoderConfig, val_images: torch.Tensor):
+    def __init__(self, cfg: AutoencoderConfig, val_images: torch.Tensor,
+                 freeze_encoder: bool = False):
         if cfg.lossconfig is None:
             raise ValueError("autoencoder training needs model.lossconfig")
         self.cfg = cfg
         self.model = AutoencoderKL(cfg)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.model.encoder.requires_grad_(False)
+            self.model.quant_conv.requires_grad_(False)
         self.val_images = val_images[:8]
         self._cache: tuple | None = None  # (reconstructions, step) from the generator pass
 
     def param_groups(self):
         m = self.model
         # As CompVis: the generator optimizer holds encoder, decoder and the quant convs.
-        ae = [*m.encoder.parameters(), *m.decoder.parameters(),
-              *m.quant_conv.parameters(), *m.post_quant_conv.parameters()]
+        ae = [*m.decoder.parameters(), *m.post_quant_conv.parameters()]
+        if not self.freeze_encoder:
+            ae = [*m.encoder.parameters(), *m.quant_conv.parameters(), *ae]
         return [ae, list(m.loss.discriminator.parameters())]
 
     def active_optimizers(self, step: int) -> list[int]:
@@ -52,7 +58,8 @@ class AutoencoderTask:
     def loss(self, batch, gens, step, opt_idx):
         x = batch["image"]
         if opt_idx == 0:
-            posterior = self.model.encode(x)
+            with torch.set_grad_enabled(not self.freeze_encoder):
+                posterior = self.model.encode(x)
             z = posterior.mean + posterior.std * randomness.randn(gens, posterior.mean.shape[1:])
             rec = self.model.decode(z)
             self._cache = (rec.detach(), posterior)

@@ -53,6 +53,9 @@ class AutoencoderTrainConfig:
     model: AutoencoderConfig = field(
         default_factory=lambda: AutoencoderConfig(lossconfig=LossConfig())
     )
+    # Train the decoder only (encoder and quant_conv frozen): the latent space stays fixed, so an
+    # LDM trained on this autoencoder stays valid while its decoder improves.
+    freeze_encoder: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)

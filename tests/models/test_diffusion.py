@@ -366,7 +366,7 @@ def test_ema_scope_swaps_weights_and_restores_them() -> None:
 
 def test_ema_scope_is_a_no_op_without_ema() -> None:
     m = ddpm(use_ema=False)
-    assert not hasattr(m, "model_ema")
+    assert m.model_ema is None
     assert not any(k.startswith("model_ema") for k in m.state_dict())
     before = [p.clone() for p in m.model.parameters()]
     with m.ema_scope():

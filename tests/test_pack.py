@@ -1,0 +1,56 @@
+"""`python -m ldm.pack`: EMA weights served, EMA copy dropped, fp16 storage, decoder swap."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import make_tiny_ldm
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.pack import main
+from ldm.pretrained import load_pretrained, save_pretrained
+
+
+@pytest.fixture()
+def trained(tmp_path):
+    model = make_tiny_ldm()
+    with torch.no_grad():  # make the EMA differ from the raw weights
+        for name, buf in model.model_ema.named_buffers():
+            if name not in ("decay", "num_updates"):
+                buf.add_(0.01)
+    save_pretrained(tmp_path / "ldm", model, "ldm", model.config)
+    return model, tmp_path
+
+
+def test_pack_serves_ema_weights_in_fp16(trained):
+    model, tmp = trained
+    assert main(["--ldm", str(tmp / "ldm"), "--out", str(tmp / "out"), "--dtype", "float16"]) == 0
+    packed = load_pretrained(tmp / "out" / "ldm")
+    assert packed.model_ema is None and not packed.config.diffusion.use_ema
+    ema = model.model_ema
+    for name, p in packed.model.named_parameters():
+        want = getattr(ema, ema.m_name2s_name[name]).half().float()
+        assert torch.equal(p, want), name
+    raw = (tmp / "out" / "ldm" / "model.safetensors").stat().st_size
+    assert raw < 0.6 * (tmp / "ldm" / "model.safetensors").stat().st_size  # fp16, no EMA copy
+    ae = load_pretrained(tmp / "out" / "autoencoder")
+    for k, v in ae.state_dict().items():
+        assert torch.equal(v, packed.first_stage_model.state_dict()[k])
+
+
+def test_decoder_swap_requires_the_same_encoder(trained):
+    model, tmp = trained
+    cfg = model.config.first_stage
+    ae = AutoencoderKL(cfg)
+    ae.load_state_dict(model.first_stage_model.state_dict())
+    with torch.no_grad():
+        ae.decoder.conv_out.bias.add_(1.0)
+    save_pretrained(tmp / "ae_ft", ae, "autoencoder", cfg)
+    assert main(["--ldm", str(tmp / "ldm"), "--first-stage", str(tmp / "ae_ft"),
+                 "--out", str(tmp / "out")]) == 0
+    packed = load_pretrained(tmp / "out" / "ldm")
+    assert torch.equal(packed.first_stage_model.decoder.conv_out.bias, ae.decoder.conv_out.bias)
+    with torch.no_grad():
+        ae.encoder.conv_in.bias.add_(1.0)
+    save_pretrained(tmp / "ae_bad", ae, "autoencoder", dataclasses.replace(cfg))
+    assert main(["--ldm", str(tmp / "ldm"), "--first-stage", str(tmp / "ae_bad"),
+                 "--out", str(tmp / "out2")]) == 2
