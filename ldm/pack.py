@@ -26,8 +26,9 @@ def pack(ldm_dir: str, out: str, first_stage_dir: str | None = None,
     cfg = model.config
     if first_stage_dir:
         ae = load_pretrained(first_stage_dir, strict=True)
-        if ae.cfg.ddconfig != cfg.first_stage.ddconfig or ae.cfg.embed_dim != cfg.first_stage.embed_dim:
-            raise ValueError(f"--first-stage {first_stage_dir}: architecture differs from the LDM's")
+        fs = cfg.first_stage
+        if ae.cfg.ddconfig != fs.ddconfig or ae.cfg.embed_dim != fs.embed_dim:
+            raise ValueError(f"--first-stage {first_stage_dir}: not the LDM's architecture")
         own = model.first_stage_model.state_dict()
         new = {k: v for k, v in ae.state_dict().items() if not k.startswith("loss.")}
         for k in own:  # the latent space is defined by the encoder: it must be unchanged
@@ -36,7 +37,7 @@ def pack(ldm_dir: str, out: str, first_stage_dir: str | None = None,
                                  "(only a decoder fine-tuned on a frozen encoder can be swapped)")
         model.first_stage_model.load_state_dict(new)
     if model.model_ema is not None:
-        model.model_ema.copy_to(model.model)  # serve the EMA weights (Rombach et al. sample with EMA)
+        model.model_ema.copy_to(model.model)  # serve the EMA weights, as CompVis samples with them
     cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, use_ema=False))
     packed = type(model)(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model_ema.")}

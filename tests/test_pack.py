@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import make_tiny_ldm
+
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.pack import main
 from ldm.pretrained import load_pretrained, save_pretrained
