@@ -1,0 +1,175 @@
+"""The timed callables: one text-to-image request each, and one UNet call each.
+
+Every end-to-end contender has the same signature, `generate(prompt, seed) -> (1, H, W, 3)
+uint8`, and does the same work: tokenize and encode the prompt (and the empty negative
+prompt), `steps` DDIM steps with classifier-free guidance as ONE UNet call on the batch
+[uncond, cond], decode, convert to uint8.
+
+1. `EagerPipeline`: `ldm.pipeline.Txt2ImgPipeline`, PyTorch fp32 in this process;
+2. `DiffusersLoop`: diffusers' `UNet2DConditionModel`, `AutoencoderKL`, `LDMBertModel` and
+   `DDIMScheduler`, the loop of diffusers' `LDMTextToImagePipeline` (CFG batch doubling,
+   `scheduler.step`), written out here because that pipeline hard-codes 8x VAE downsampling;
+3. `OrtService`: `server.txt2img.Txt2ImgService` (the loop the Triton pipeline model runs)
+   with ONNX Runtime sessions (`export.ort.make_session`) on the repository's ONNX files;
+4. `TritonHttp`: `server.client.Txt2ImgClient` over HTTP to `ldm_txt2img`.
+
+The step contenders call the UNet alone on the CFG batch (2 latents, 2 contexts).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NEGATIVE_PROMPT = ""
+Generate = Callable[[str, int], np.ndarray]
+
+
+class EagerPipeline:
+    def __init__(self, model, steps: int, guidance_scale: float):
+        from ldm.pipeline import Txt2ImgPipeline
+
+        self.pipe = Txt2ImgPipeline(model)
+        self.steps, self.guidance_scale = steps, guidance_scale
+
+    def __call__(self, prompt: str, seed: int) -> np.ndarray:
+        # EMA weights were copied in once (bench.models.load_source): no per-call swap.
+        return self.pipe([prompt], negative_prompt=NEGATIVE_PROMPT, steps=self.steps,
+                         guidance_scale=self.guidance_scale, seed=seed, sampler="ddim",
+                         use_ema=False)
+
+
+class DiffusersLoop:
+    """diffusers' LDMTextToImagePipeline loop on the twin (bench.models.DiffusersTwin)."""
+
+    def __init__(self, twin, tokenizer, latent_shape: tuple[int, int, int], steps: int,
+                 guidance_scale: float):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # LDMBertModel's deprecation notice, once per run
+        self.twin, self.tokenizer = twin, tokenizer  # a transformers BertTokenizerFast
+        self.latent_shape = latent_shape  # (C, h, w)
+        self.steps, self.guidance_scale = steps, guidance_scale
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.twin.max_seq_len,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.twin.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, seed: int) -> np.ndarray:
+        tw, g = self.twin, self.guidance_scale
+        uncond = self._embed([NEGATIVE_PROMPT])
+        cond = self._embed([prompt])
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn((1, *self.latent_shape), generator=generator)
+        tw.scheduler.set_timesteps(self.steps)
+        context = torch.cat([uncond, cond])
+        for t in tw.scheduler.timesteps:
+            noise = tw.unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample
+            noise_uncond, noise_text = noise.chunk(2)
+            noise = noise_uncond + g * (noise_text - noise_uncond)
+            latents = tw.scheduler.step(noise, t, latents, eta=0.0).prev_sample
+        image = tw.vae.decode(latents / tw.scale_factor).sample
+        image = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1).numpy()
+
+
+def repository_onnx(repository: Path, name: str) -> Path:
+    """The ONNX file Triton serves for model `name` (python backend: `<name>/1/model.onnx`)."""
+    path = repository / name / "1" / "model.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the bench needs the python (ONNX Runtime) "
+                                "backend repository")
+    return path
+
+
+class OrtService:
+    """Txt2ImgService over in-process ONNX Runtime sessions on the repository's graphs."""
+
+    def __init__(self, model, repository: Path, specs: dict, threads: int, steps: int,
+                 guidance_scale: float, image_size: int):
+        from export.ort import make_session
+        from server.repository import pipeline_info
+        from server.txt2img import ServingOptions, Txt2ImgService
+
+        self.sessions = {name: make_session(repository_onnx(repository, name), threads)
+                         for name in ("text_encoder", "unet", "vae_decoder")}
+        names = {name: ([t.name for t in specs[name].inputs], specs[name].outputs[0].name)
+                 for name in self.sessions}
+        self.unet_names = names["unet"]
+
+        def runner(name: str):
+            inputs, output = names[name]
+            session = self.sessions[name]
+            return lambda *arrays: session.run([output], dict(zip(inputs, arrays,
+                                                                   strict=True)))[0]
+
+        self.service = Txt2ImgService(
+            pipeline_info(model, specs), model.alphas_cumprod.numpy(),
+            model.cond_stage_model.tknz_fn, runner("text_encoder"), runner("unet"),
+            runner("vae_decoder"), ServingOptions(preview="none"))
+        self.steps, self.guidance_scale, self.image_size = steps, guidance_scale, image_size
+
+    def __call__(self, prompt: str, seed: int) -> np.ndarray:
+        from server.limits import GenerationRequest
+
+        req = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE_PROMPT,
+                                steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,
+                                sampler="ddim", num_images=1, height=self.image_size,
+                                width=self.image_size)
+        return self.service.generate(req).images
+
+    def unet_step(self, x: np.ndarray, t: np.ndarray, c: np.ndarray) -> np.ndarray:
+        inputs, output = self.unet_names
+        return self.sessions["unet"].run([output], dict(zip(inputs, (x, t, c), strict=True)))[0]
+
+
+class TritonHttp:
+    """One HTTP client of the `ldm_txt2img` model."""
+
+    def __init__(self, url: str, steps: int, guidance_scale: float, timeout: float):
+        from server.client import Txt2ImgClient
+
+        self.client = Txt2ImgClient(url, protocol="http", timeout=timeout)
+        self.steps, self.guidance_scale = steps, guidance_scale
+
+    def __call__(self, prompt: str, seed: int) -> np.ndarray:
+        return self.client.generate(prompt, negative_prompt=NEGATIVE_PROMPT, steps=self.steps,
+                                    guidance_scale=self.guidance_scale, seed=seed,
+                                    sampler="ddim", num_images=1).images
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# --- one UNet call on the CFG batch ---------------------------------------------------------
+
+def step_inputs(cfg, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent (2, C, h, w), timestep (2,), context (2, L, D)): one guided step of one image."""
+    g = torch.Generator().manual_seed(seed)
+    u = cfg.unet
+    x = torch.randn(2, u.in_channels, u.image_size, u.image_size, generator=g)
+    t = torch.full((2,), 501, dtype=torch.int64)
+    c = torch.randn(2, cfg.cond_stage.max_seq_len, cfg.cond_stage.n_embed, generator=g)
+    return x, t, c
+
+
+def step_functions(model, twin, ort: OrtService, cfg) -> dict[str, Callable[[], object]]:
+    """name -> a no-argument call of that runtime's UNet on the same inputs."""
+    x, t, c = step_inputs(cfg)
+    xn, tn, cn = x.numpy(), t.numpy(), c.numpy()
+    unet = model.model.diffusion_model
+
+    @torch.no_grad()
+    def ours():
+        return unet(x, t, context=c)
+
+    @torch.no_grad()
+    def diffusers():
+        return twin.unet(x, t, encoder_hidden_states=c).sample
+
+    return {"pytorch_eager": ours, "diffusers": diffusers,
+            "onnxruntime": lambda: ort.unet_step(xn, tn, cn)}

@@ -1,0 +1,127 @@
+"""Concurrent clients against the Triton deployment, and the batches Triton formed meanwhile.
+
+One burst: `clients` threads, each with its own HTTP `Txt2ImgClient`, start together (a
+barrier) and send `per_client` requests back to back. Throughput is successful images over the
+burst's wall time; latencies are per request. Every wait is bounded by `timeout`; a client
+that has not finished by then counts its unfinished requests as errors.
+
+`unet_stats` reads `/v2/models/unet/stats`; the difference over a burst gives the executions
+Triton ran and the batch items they held. `inference_count / execution_count` is the average
+batch the dynamic batcher formed (each guided request contributes 2: uncond and cond), and
+`requests / executions` how many client requests one execution merged.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class UNetStats:
+    executions: int
+    inferences: int  # batch items (2 per guided request step)
+    requests: int  # successful model requests
+    compute_ns: int  # time spent in the model's execute
+    batches: dict[int, int]  # batch size -> executions
+
+    def __sub__(self, other: UNetStats) -> UNetStats:
+        sizes = set(self.batches) | set(other.batches)
+        return UNetStats(self.executions - other.executions,
+                         self.inferences - other.inferences,
+                         self.requests - other.requests,
+                         self.compute_ns - other.compute_ns,
+                         {s: self.batches.get(s, 0) - other.batches.get(s, 0) for s in sizes
+                          if self.batches.get(s, 0) != other.batches.get(s, 0)})
+
+    def __add__(self, other: UNetStats) -> UNetStats:
+        sizes = set(self.batches) | set(other.batches)
+        return UNetStats(self.executions + other.executions,
+                         self.inferences + other.inferences,
+                         self.requests + other.requests,
+                         self.compute_ns + other.compute_ns,
+                         {s: self.batches.get(s, 0) + other.batches.get(s, 0) for s in sizes})
+
+
+def unet_stats(http_url: str, model: str = "unet", timeout: float = 10.0) -> UNetStats:
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats",
+                                timeout=timeout) as r:
+        entry = json.loads(r.read())["model_stats"][0]
+    infer = entry.get("inference_stats", {})
+    return UNetStats(
+        executions=int(entry.get("execution_count", 0)),
+        inferences=int(entry.get("inference_count", 0)),
+        requests=int(infer.get("success", {}).get("count", 0)),
+        compute_ns=int(infer.get("compute_infer", {}).get("ns", 0)),
+        batches={int(b["batch_size"]): int(b.get("compute_infer", {}).get("count", 0))
+                 for b in entry.get("batch_stats", [])},
+    )
+
+
+@dataclass
+class Burst:
+    clients: int
+    wall_s: float
+    images: int
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unet: UNetStats | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def burst(url: str, clients: int, per_client: int,
+          request: Callable[[int, int], dict], timeout: float) -> Burst:
+    """Run one burst; `request(client, i)` gives the `generate` kwargs (prompt, seed, ...)."""
+    from server.client import Txt2ImgClient
+
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    images = [0] * clients
+
+    def worker(i: int) -> None:
+        try:
+            with Txt2ImgClient(url, protocol="http", timeout=timeout) as client:
+                barrier.wait(timeout)
+                for j in range(per_client):
+                    kwargs = request(i, j)
+                    t0 = time.perf_counter()
+                    try:
+                        out = client.generate(**kwargs)
+                    except Exception as e:  # noqa: BLE001 - counted, not fatal
+                        with lock:
+                            errors.append(f"{type(e).__name__}: {e}")
+                        continue
+                    latencies[i].append(time.perf_counter() - t0)
+                    images[i] += len(out.images)
+        except threading.BrokenBarrierError:
+            with lock:
+                errors.append("client did not start (barrier broken)")
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for th in threads:
+        th.start()
+    try:
+        barrier.wait(timeout)
+    except threading.BrokenBarrierError:
+        pass
+    t0 = time.perf_counter()
+    deadline = t0 + timeout * per_client
+    for th in threads:
+        th.join(max(0.0, deadline - time.perf_counter()))
+    wall = time.perf_counter() - t0
+    with lock:
+        done = sum(len(lat) for lat in latencies)
+        # Every request that did not succeed is one error: failed, never started, or still
+        # running at the deadline.
+        unfinished = clients * per_client - done - len(errors)
+        errs = list(errors) + [f"request unfinished after {timeout * per_client:.0f} s"] * max(
+            0, unfinished)
+        return Burst(clients, wall, sum(images), [x for lat in latencies for x in lat], errs)
