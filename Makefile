@@ -22,6 +22,8 @@ serve: setup
 	$(PY) -m ldm.sample --checkpoint checkpoints/demo --prompt "a red circle in the top left" --out outputs/demo.png
 
 test: setup
+	# Headless Chromium and its driver for the web page test (tests/server/test_web.py).
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup

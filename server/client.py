@@ -117,6 +117,8 @@ class Txt2ImgClient:
         if protocol == "http" and timeout is not None:
             self._client = self._module.InferenceServerClient(
                 url, connection_timeout=timeout, network_timeout=timeout)
+        elif protocol == "grpc":
+            self._client = grpc_client(url)
         else:
             self._client = self._module.InferenceServerClient(url)
 
@@ -161,7 +163,7 @@ class Txt2ImgClient:
 
         inputs = build_inputs(grpcclient, **_input_values(prompt, params))
         events: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.url)
+        client = grpc_client(self.url)
         finished = False
         try:
             client.start_stream(callback=lambda result, error: events.put((result, error)),
@@ -202,6 +204,30 @@ def _input_values(prompt: str, params: dict) -> dict:
     for k, v in params.items():
         values[aliases.get(k, k)] = v
     return values
+
+
+# gRPC's reconnect backoff grows to 120 s, and channels with equal options share one
+# connection and its backoff: after a Triton restart every new client (and stream) would keep
+# failing with UNAVAILABLE for as long. A loopback or in-cluster server is cheap to retry.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100,
+                        "grpc.min_reconnect_backoff_ms": 100,
+                        "grpc.max_reconnect_backoff_ms": 1000}
+
+
+def grpc_client(url: str):
+    """A tritonclient gRPC client with tritonclient's default channel options (no message size
+    limit, its keepalive settings) and a short reconnect backoff."""
+    import tritonclient.grpc as grpcclient
+
+    keepalive = grpcclient.KeepAliveOptions()
+    args = [("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            *RECONNECT_BACKOFF_MS.items()]
+    return grpcclient.InferenceServerClient(url, channel_args=args)
 
 
 def _tritonclient(protocol: str):

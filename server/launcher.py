@@ -1,0 +1,267 @@
+"""`python -m server`: export when needed, run Triton and the gateway, keep Triton alive.
+
+    python -m server --checkpoint checkpoints/demo/ldm --port 8080
+
+1. build the Triton repository from the checkpoint, or reuse it when its manifest says it is up
+   to date (export/build_engines.py, same options, so a repository built beforehand by
+   `python export/build_engines.py --backend B --out R` is reused as is);
+2. start tritonserver and wait until every model is loaded;
+3. serve the gateway (uvicorn, in a thread of this process) and print the URLs;
+4. watch Triton: when it exits, report its exit code and the end of its log, and start it
+   again on the same ports, at most --max-restarts times per --restart-window seconds (then
+   give up, stop and exit 1). Meanwhile the gateway answers /readyz with 503 and requests
+   with 503, instead of hanging;
+5. on Ctrl-C or SIGTERM stop the gateway (in-flight requests get a few seconds), then Triton
+   (which drains its own), and exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from server.triton import TritonServer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path("checkpoints/demo/ldm")
+
+
+class Shutdown(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM."""
+
+
+class TritonWatchdog:
+    """Starts Triton, then restarts it from a watchdog thread whenever it exits.
+
+    `make()` returns a fresh (unstarted) TritonServer on the same ports. The watchdog thread
+    polls `is_alive()`; restarts back off 1, 2, 4, ... s and are bounded by `max_restarts`
+    per `window` seconds. `failed` is set (with `reason`) when it gives up.
+    """
+
+    def __init__(self, make: Callable[[], TritonServer], *, max_restarts: int = 5,
+                 window: float = 600.0, poll: float = 0.5, start_timeout: float = 300.0):
+        self.make, self.max_restarts, self.window = make, max_restarts, window
+        self.poll, self.start_timeout = poll, start_timeout
+        self.server: TritonServer | None = None
+        self.restarts: list[float] = []  # monotonic times of the restarts in the window
+        self.failed = threading.Event()
+        self.reason = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
+
+    def start(self) -> TritonServer:
+        """Start Triton (blocking until ready), then the watchdog thread."""
+        self.server = self.make()
+        self.server.start(self.start_timeout)
+        self._thread.start()
+        return self.server
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            server = self.server
+            if server is None or server.is_alive():
+                continue
+            code = server.process.returncode if server.process else None
+            log.error("tritonserver exited unexpectedly (exit code %s); end of its log:\n%s",
+                      code, server.log_tail(15))
+            server.stop()  # closes its log file
+            if not self._restart():
+                self.failed.set()
+                return
+
+    def _restart(self) -> bool:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < self.window]
+            if len(self.restarts) >= self.max_restarts:
+                self.reason = (f"tritonserver exited {len(self.restarts) + 1} times in "
+                               f"{self.window:.0f} s: giving up")
+                log.error("%s", self.reason)
+                return False
+            self.restarts.append(now)
+            delay = min(2.0 ** (len(self.restarts) - 1), 30.0)
+            log.warning("restarting tritonserver in %.0f s (restart %d of at most %d per "
+                        "%.0f s)", delay, len(self.restarts), self.max_restarts, self.window)
+            if self._stop.wait(delay):
+                return True
+            server = self.make()
+            self.server = server  # before start(): stop() can then interrupt a slow start
+            try:
+                server.start(self.start_timeout)
+            except Exception as e:  # noqa: BLE001 - counted, then retried
+                log.error("tritonserver restart failed: %s", e)
+                continue
+            log.warning("tritonserver is back (pid %d)", server.process.pid)
+            return True
+        return True
+
+    def stop(self) -> int | None:
+        """Stop watching and stop Triton; its exit code."""
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        return self.server.stop() if self.server is not None else None
+
+
+def ensure_repository(args: argparse.Namespace) -> None:
+    """Build or reuse `args.repository` from `args.checkpoint` (export/build_engines.py)."""
+    manifest = args.repository / "manifest.json"
+    if args.no_export or not args.checkpoint.exists():
+        if not manifest.is_file():
+            why = ("--no-export" if args.no_export
+                   else f"checkpoint {args.checkpoint} not found")
+            raise SystemExit(f"error: {why}, and {args.repository} holds no built repository "
+                             "(train one, or pass --checkpoint)")
+        if not args.no_export:
+            log.warning("checkpoint %s not found: serving %s as it is", args.checkpoint,
+                        args.repository)
+        return
+    from export.build_engines import main as build_engines
+
+    argv = ["--checkpoint", str(args.checkpoint), "--out", str(args.repository),
+            "--backend", args.backend, "--work-dir", str(args.work_dir), "--quiet"]
+    print(f"checking the Triton repository {args.repository} against {args.checkpoint} "
+          "(exports only what changed)", flush=True)
+    if build_engines(argv) != 0:
+        raise SystemExit(f"error: could not build {args.repository} (see above)")
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.watchdog: TritonWatchdog | None = None
+        self.gateway = None
+        self.log_path: Path | None = args.triton_log
+
+    def make_triton(self) -> TritonServer:
+        a = self.args
+        server = TritonServer(a.repository, http_port=a.triton_http_port,
+                              grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
+                              host=a.triton_host, log_path=self.log_path,
+                              tritonserver=a.tritonserver)
+        return server
+
+    def run(self) -> int:
+        """Start everything and supervise until a signal (Shutdown) or a fatal failure."""
+        from server.auth import load_api_keys
+        from server.gateway import GatewaySettings, GatewayThread, create_app
+
+        a = self.args
+        keys = load_api_keys(a.api_keys_file)
+        ensure_repository(a)
+        print("starting tritonserver (loading the models)...", flush=True)
+        self.watchdog = TritonWatchdog(self.make_triton, max_restarts=a.max_restarts,
+                                       window=a.restart_window)
+        triton = self.watchdog.start()
+        self.log_path = triton.log_path  # restarts append to the same log
+        triton_host = "127.0.0.1" if a.triton_host in ("0.0.0.0", "") else a.triton_host
+        settings = GatewaySettings(triton_url=f"{triton_host}:{triton.grpc_port}",
+                                   api_keys=keys, timeout=a.request_timeout)
+        self.gateway = GatewayThread(create_app(settings), host=a.host, port=a.port).start()
+        url = self.gateway.url
+        print("\n".join([
+            "ldm-serve is ready",
+            f"  web UI:   {url}/",
+            f"  API:      POST {url}/v1/images/generations (+ /stream)",
+            f"  docs:     {url}/docs",
+            f"  health:   {url}/healthz, {url}/readyz",
+            f"  triton:   grpc {triton.grpc_url}, http {triton.http_url}, "
+            f"metrics {triton.metrics_url} (pid {triton.process.pid}, log {triton.log_path})",
+            f"  API keys: {'required (' + str(len(keys)) + ')' if keys else 'off'}",
+            "Ctrl-C to stop.",
+        ]), flush=True)
+        while True:
+            if self.watchdog.failed.wait(0.5):
+                print(f"error: {self.watchdog.reason}", file=sys.stderr, flush=True)
+                return 1
+            if not self.gateway.is_alive():
+                print("error: the gateway stopped", file=sys.stderr, flush=True)
+                return 1
+
+    def shutdown(self) -> None:
+        if self.gateway is not None:
+            print("stopping the gateway...", flush=True)
+            self.gateway.stop()
+        if self.watchdog is not None:
+            print("stopping tritonserver...", flush=True)
+            code = self.watchdog.stop()
+            print(f"tritonserver stopped (exit code {code})", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Export when needed, run Triton and the HTTP gateway, keep Triton alive.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="our checkpoint folder (default: %(default)s)")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"),
+                   help="Triton model repository to build or reuse (default: %(default)s)")
+    p.add_argument("--backend", default="python",
+                   help="python (ONNX Runtime on the CPU), onnxruntime or tensorrt")
+    p.add_argument("--work-dir", type=Path, default=Path("build/export"),
+                   help="cache of ONNX files and engines (default: %(default)s)")
+    p.add_argument("--no-export", action="store_true",
+                   help="serve --repository as it is, without checking it")
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port")
+    p.add_argument("--triton-host", default="127.0.0.1", help="Triton's address")
+    p.add_argument("--triton-http-port", type=int, default=8000)
+    p.add_argument("--triton-grpc-port", type=int, default=8001)
+    p.add_argument("--triton-metrics-port", type=int, default=8002)
+    p.add_argument("--tritonserver", type=Path,
+                   help="binary to run (default: tritonserver on PATH, else nvidia-pytriton's)")
+    p.add_argument("--triton-log", type=Path, help="Triton's log file (default: a temp file)")
+    p.add_argument("--api-keys-file", type=Path,
+                   help="one API key per line (also: env LDM_API_KEYS, comma-separated)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds one generation may take")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="Triton restarts allowed per --restart-window")
+    p.add_argument("--restart-window", type=float, default=600.0, help="seconds")
+    args = p.parse_args(argv)
+    if args.api_keys_file is not None and not args.api_keys_file.is_file():
+        p.error(f"--api-keys-file {args.api_keys_file}: no such file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def on_signal(signum, frame):
+        # Once: a second Ctrl-C while stopping must not interrupt the clean-up.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Shutdown(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    launcher = Launcher(args)
+    code = 0
+    try:
+        code = launcher.run()
+    except Shutdown as s:
+        print(f"{s}: shutting down", flush=True)
+    except SystemExit as e:  # ensure_repository's messages
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr, flush=True)
+            code = 2
+        else:
+            code = e.code or 0
+    except Exception as e:  # noqa: BLE001 - reported, then everything is stopped
+        log.exception("launcher failed")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        launcher.shutdown()
+    return code

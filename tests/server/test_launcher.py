@@ -1,0 +1,162 @@
+"""`python -m server` as a user runs it: a subprocess on free ports, against the tiny checkpoint.
+
+It exports the repository, starts Triton and the gateway and prints the URLs; a generation
+works; Triton killed with SIGKILL is restarted and /readyz comes back to 200; SIGTERM stops
+everything (no tritonserver or Python-backend stub left) with exit code 0.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.triton import free_ports
+from tests.server.serving import decode_png
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Output:
+    """Collects a process's output lines from a reader thread (the pipe never fills up)."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n" + self.text(60))
+
+    def text(self, last: int | None = None) -> str:
+        return "\n".join(self.lines[-last:] if last else self.lines)
+
+
+def children(pid: int) -> set[int]:
+    """Direct children of `pid`, over all its threads (the watchdog thread starts Triton)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def tritonserver_pid(launcher: int) -> int | None:
+    found = [p for p in children(launcher) if "tritonserver" in cmdline(p)]
+    return found[0] if found else None
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (zombies have none)."""
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and text in cmdline(int(p.name))]
+
+
+def wait_status(url: str, status: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if httpx.get(url, timeout=5).status_code == status:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"{url} never answered {status} in {timeout:.0f} s")
+
+
+@pytest.fixture
+def launcher(served_ldm_dir, tmp_path):
+    port, http_port, grpc_port, metrics_port = free_ports(4)
+    repo = tmp_path / "model_repository"
+    cmd = [sys.executable, "-m", "server", "--checkpoint", str(served_ldm_dir),
+           "--repository", str(repo), "--work-dir", str(tmp_path / "work"),
+           "--port", str(port), "--triton-http-port", str(http_port),
+           "--triton-grpc-port", str(grpc_port), "--triton-metrics-port", str(metrics_port),
+           "--triton-log", str(tmp_path / "triton.log")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = Output(proc.stdout)
+    try:
+        yield proc, out, repo
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+            for pid in processes_mentioning(str(repo)):  # leftovers of a failed test
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_launcher_serves_restarts_triton_and_stops_cleanly(launcher):
+    proc, out, repo = launcher
+    url = out.wait_for(r"web UI:\s+(http://\S+)/", proc, timeout=240).group(1)
+    assert (repo / "manifest.json").is_file()  # exported from the checkpoint
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    r = httpx.post(f"{url}/v1/images/generations", timeout=60,
+                   json={"prompt": "a red circle", "n": 2, "steps": 2, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert [decode_png(d["b64_json"]).shape for d in r.json()["data"]] == [(16, 16, 3)] * 2
+
+    # Triton dies: the gateway says so (503, not a hang), the launcher starts it again.
+    first = tritonserver_pid(proc.pid)
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_status(f"{url}/readyz", 503, timeout=10)
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
+                   timeout=30)
+    assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
+    wait_status(f"{url}/readyz", 200, timeout=120)
+    second = tritonserver_pid(proc.pid)
+    assert second not in (None, first)
+    assert "tritonserver exited unexpectedly (exit code -9)" in out.text()
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+
+    # SIGTERM: gateway, then Triton (and its stubs) stop; exit code 0.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, out.text(60)
+    assert "SIGTERM: shutting down" in out.text()
+    assert "tritonserver stopped (exit code 0)" in out.text()
+    deadline = time.monotonic() + 15
+    while processes_mentioning(str(repo)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the killed server's stubs notice their parent is gone
+    assert processes_mentioning(str(repo)) == []
+    for pid in (first, second):
+        assert not Path(f"/proc/{pid}").exists() or cmdline(pid) == ""
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_launcher_reports_a_missing_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(tmp_path / "none"),
+                        "--repository", str(tmp_path / "repo")], cwd=PROJECT_ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert f"checkpoint {tmp_path / 'none'} not found" in r.stderr
+    assert "holds no built repository" in r.stderr
