@@ -1,0 +1,64 @@
+"""Sample images in process: `python -m ldm.sample --checkpoint DIR --prompt TEXT -o out.png`.
+
+    python -m ldm.sample --checkpoint checkpoints/demo/ldm --prompt "a red circle in the top left" \
+        --num-images 4 --steps 25 --guidance-scale 3 --sampler ddim --seed 0 -o outputs/demo.png
+
+Loads our checkpoint folder (or a CompVis YAML + .ckpt with --compvis-config), runs the
+PyTorch pipeline (`ldm.pipeline.Txt2ImgPipeline`) and writes the images side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ldm.compat import load_compvis
+from ldm.pipeline import Txt2ImgPipeline
+from ldm.samplers import SAMPLERS
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ldm.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="our checkpoint folder or a CompVis .ckpt")
+    p.add_argument("--compvis-config", help="CompVis YAML for a .ckpt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the PNG")
+    p.add_argument("-o", "--out", default="outputs/sample.png")
+    args = p.parse_args(argv)
+    if args.num_images < 1 or args.steps < 1:
+        p.error(f"--num-images and --steps must be >= 1 (got {args.num_images}, {args.steps})")
+    try:
+        model = load_compvis(args.compvis_config, args.checkpoint)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: --checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=None, desc="sampling", unit="step")
+
+    def progress(i: int, total: int, x, x0) -> None:
+        bar.total = total
+        bar.update(1)
+
+    images = Txt2ImgPipeline(model)([args.prompt] * args.num_images, args.negative_prompt,
+                                    args.steps, args.guidance_scale, args.seed, args.sampler,
+                                    callback=progress)
+    bar.close()
+    strip = Image.fromarray(np.concatenate(list(images), axis=1))
+    strip = strip.resize((strip.width * args.scale, strip.height * args.scale), Image.NEAREST)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    strip.save(args.out)
+    print(f"wrote {args.out} ({args.num_images} image(s), seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
