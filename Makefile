@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo test lint clean
+.PHONY: setup serve demo bench test lint clean
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,17 @@ $(STAMP): requirements.txt Makefile
 
 setup: $(STAMP)
 
-# Main job. Until the Triton serving path lands, this samples images from the demo checkpoint.
+# Main job: export the demo model if needed, start Triton (CPU) and the gateway on :8080.
 serve: setup
-	$(PY) -m ldm.sample --checkpoint checkpoints/demo --prompt "a red circle in the top left" --out outputs/demo.png
+	$(PY) -m server --checkpoint checkpoints/demo/ldm
+
+# In-process sampling from the demo checkpoint, no server.
+demo: setup
+	$(PY) -m ldm.sample --checkpoint checkpoints/demo/ldm --prompt "a red circle in the top left" \
+		--num-images 4 --out outputs/demo.png
+
+bench: setup
+	$(PY) -m bench --markdown
 
 test: setup
 	# Headless Chromium and its driver for the web page test (tests/server/test_web.py).
