@@ -27,7 +27,7 @@ from ldm.pretrained import load_pretrained, read_config
 
 # What the server uses unless a request says otherwise (server/limits.py reads these).
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 1.5
 DEFAULT_SAMPLER = "ddim"
 HELD_OUT_SEED = 10_000  # training uses data seeds far below this
 

@@ -54,7 +54,7 @@ class Limits:
     max_prompt_chars: int = 2000  # the tokenizer keeps 77 tokens anyway: refuse megabytes
     samplers: tuple[str, ...] = KNOWN_SAMPLERS
     default_steps: int = 25
-    default_guidance_scale: float = 5.0
+    default_guidance_scale: float = 1.5
     default_sampler: str = "ddim"
 
     def __post_init__(self) -> None:
