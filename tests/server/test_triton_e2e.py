@@ -96,8 +96,10 @@ def test_same_seed_same_image_as_in_process(client, served_model, sampler):
 
 
 def test_different_prompts_give_different_images(client):
-    a = client.generate(PROMPT, seed=3, steps=4).images
-    b = client.generate("a blue square in the bottom right", seed=3, steps=4).images
+    # Strong guidance: the tiny random model's prompts must differ clearly.
+    a = client.generate(PROMPT, seed=3, steps=4, guidance_scale=5.0).images
+    b = client.generate("a blue square in the bottom right", seed=3, steps=4,
+                        guidance_scale=5.0).images
     assert psnr(a, b) < 30
 
 
@@ -127,7 +129,8 @@ def test_stream_over_http_generate_stream(server, client):
     assert len(events[-2]["preview"]) == 4 * 4 * 3
     final = events[-1]
     images = np.array(final["images"], dtype=np.uint8).reshape(1, 16, 16, 3)
-    np.testing.assert_array_equal(images, client.generate(PROMPT, seed=9, steps=4).images)
+    np.testing.assert_array_equal(
+        images, client.generate(PROMPT, seed=9, steps=4, guidance_scale=5.0).images)
     assert final["used_seed"] == 9 and final["warnings"] == []
 
 
