@@ -95,11 +95,8 @@ def ldm_task(cfg: LDMTrainConfig, train_set, init_from: str | None, compvis_conf
         raise ConfigError("ldm training needs first_stage=<autoencoder folder> or --init-from")
 
     if not init_from and cfg.model.diffusion.scale_factor <= 0:
-        # Rombach et al. sec. 4.3.2 / scale_by_std: unit-variance latents from the first batch.
-        from ldm.models.autoencoder import AutoencoderKL
-
-        ae = AutoencoderKL(cfg.model.first_stage)
-        ae.load_state_dict(first_stage_state)
+        # Rombach et al. sec. 4.3.2 / scale_by_std: unit-variance latents from the first batch,
+        # encoded by the first stage loaded above.
         batch = collate([train_set[i] for i in range(min(256, len(train_set)))])
         with torch.no_grad():
             std = ae.encode(batch["image"]).sample(torch.Generator().manual_seed(0)).std()
