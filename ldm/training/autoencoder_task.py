@@ -9,6 +9,7 @@ import torch
 
 from ldm.config import AutoencoderConfig
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.pipeline import latents_to_uint8
 from ldm.pretrained import save_pretrained
 from ldm.training import randomness
 
@@ -17,11 +18,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
@@ -87,7 +83,7 @@ class AutoencoderTask:
     def sample_grid(self, step: int) -> np.ndarray:
         x = self.val_images
         rec = self.model.decode(self.model.encode(x).mode())
-        return image_grid([to_uint8(x), to_uint8(rec)])
+        return image_grid([latents_to_uint8(x), latents_to_uint8(rec)])
 
     def save_model(self, folder: Path) -> None:
         save_pretrained(folder, self.model, "autoencoder", self.cfg)
