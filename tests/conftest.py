@@ -23,10 +23,17 @@ def make_tiny_ldm(seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-        if model.model_ema is not None:  # EMA shadow = the weights, so both paths agree
-            for name, p in model.model.named_parameters():
-                getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(p)
+        sync_ema(model)
     return model.eval()
+
+
+def sync_ema(model) -> None:
+    """Set the EMA shadow to the current weights, so the EMA and raw paths give one model."""
+    if model.model_ema is None:
+        return
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(p)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_ldm
+from tests.conftest import make_tiny_ldm, sync_ema
 
 
 def make_prompt_sensitive_ldm():
@@ -25,9 +25,7 @@ def make_prompt_sensitive_ldm():
                 p.mul_(5)
             elif name.startswith("diffusion_model.out.2."):
                 p.mul_(20)
-        if model.model_ema is not None:  # keep EMA == weights: both paths give one model
-            for name, p in model.model.named_parameters():
-                getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(p)
+    sync_ema(model)
     return model.eval()
 
 
@@ -40,6 +38,25 @@ def served_ldm_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served") / "model"
     save_pretrained(folder, model, "ldm", model.config)
     return folder
+
+
+@pytest.fixture(scope="module")
+def triton(served_ldm_dir, tmp_path_factory):
+    """A Triton server on the served model, one per test module that asks for it."""
+    from tests.server.serving import served_triton
+
+    with served_triton(served_ldm_dir, tmp_path_factory) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(triton):
+    """The gateway in front of `triton`; yields its base URL."""
+    from server.gateway import GatewaySettings
+    from tests.server.serving import running_gateway
+
+    with running_gateway(GatewaySettings(triton_url=triton.grpc_url, timeout=60)) as url:
+        yield url
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

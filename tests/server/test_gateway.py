@@ -21,25 +21,12 @@ from tests.server.serving import (
     decode_png,
     read_sse,
     running_gateway,
-    served_triton,
     unet_counts,
 )
 
 PROMPT = "a red circle in the top left"
 GEN = "/v1/images/generations"
 STREAM = "/v1/images/generations/stream"
-
-
-@pytest.fixture(scope="module")
-def triton(served_ldm_dir, tmp_path_factory):
-    with served_triton(served_ldm_dir, tmp_path_factory) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gateway(triton):
-    with running_gateway(GatewaySettings(triton_url=triton.grpc_url, timeout=60)) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

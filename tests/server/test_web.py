@@ -21,23 +21,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from server.gateway import GatewaySettings
-from tests.server.serving import running_gateway, served_triton
+from tests.server.serving import running_gateway
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PROMPT = "a red circle in the top left"
 SCREENSHOT = "/tmp/ldm-web.png"
-
-
-@pytest.fixture(scope="module")
-def triton(served_ldm_dir, tmp_path_factory):
-    with served_triton(served_ldm_dir, tmp_path_factory) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gateway(triton):
-    with running_gateway(GatewaySettings(triton_url=triton.grpc_url, timeout=60)) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
