@@ -3,11 +3,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_tiny_ldm
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.pack import main
 from ldm.pretrained import load_pretrained, save_pretrained
+from tests.conftest import make_tiny_ldm
 
 
 @pytest.fixture()
