@@ -300,10 +300,12 @@ class TritonServer:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop in %.0f s: killing it", timeout)
-                # The process group: Python-backend stubs are its children.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
+        # Python-backend stubs share the server's process group (start_new_session). A server
+        # that was killed or crashed leaves them orphaned, some blocked for good: end them all.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
