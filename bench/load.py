@@ -5,10 +5,12 @@ barrier) and send `per_client` requests back to back. Throughput is successful i
 burst's wall time; latencies are per request. Every wait is bounded by `timeout`; a client
 that has not finished by then counts its unfinished requests as errors.
 
-`unet_stats` reads `/v2/models/unet/stats`; the difference over a burst gives the executions
-Triton ran and the batch items they held. `inference_count / execution_count` is the average
-batch the dynamic batcher formed (each guided request contributes 2: uncond and cond), and
-`requests / executions` how many client requests one execution merged.
+`unet_stats` reads `/v2/models/unet/stats` (BLS networks: Triton's dynamic batcher merges
+the steps) or, when the pipeline runs the networks in process, the `ldm_network_*` counters
+its batcher publishes on `/metrics` (server/bls.py). The difference over a burst gives the
+UNet executions and the batch items they held: items / executions is the average batch
+(each guided request contributes 2: uncond and cond), and requests / executions how many
+client requests one execution merged.
 """
 from __future__ import annotations
 
@@ -44,6 +46,31 @@ class UNetStats:
                          self.requests + other.requests,
                          self.compute_ns + other.compute_ns,
                          {s: self.batches.get(s, 0) + other.batches.get(s, 0) for s in sizes})
+
+
+def network_stats(metrics_url: str, model: str = "ldm_txt2img", network: str = "unet",
+                  timeout: float = 10.0) -> UNetStats | None:
+    """The in-process batcher's counters for `network` of `model`; None if it published none."""
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("ldm_network_") and f'network="{network}"' in line \
+                and f'model="{model}"' in line:
+            name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+            values[name] = value
+    if not values:
+        return None
+    return UNetStats(executions=int(values.get("ldm_network_executions_total", 0)),
+                     inferences=int(values.get("ldm_network_batch_items_total", 0)),
+                     requests=int(values.get("ldm_network_calls_total", 0)),
+                     compute_ns=int(values.get("ldm_network_compute_us_total", 0) * 1000),
+                     batches={})
+
+
+def pipeline_unet_stats(http_url: str, metrics_url: str) -> UNetStats:
+    """The UNet's batching stats, wherever the pipeline runs it (see module docstring)."""
+    return network_stats(metrics_url) or unet_stats(http_url)
 
 
 def unet_stats(http_url: str, model: str = "unet", timeout: float = 10.0) -> UNetStats:

@@ -321,7 +321,7 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
     """3. start Triton, run every contender round-robin, stop Triton:
     (raw results by entry name, last image of each end-to-end contender, pipeline instances)."""
     from bench import contenders as C
-    from bench.load import burst, unet_stats
+    from bench.load import burst, pipeline_unet_stats
     from server.triton import TritonServer
 
     server = TritonServer(setup.repository, log_path=args.work_dir / "tritonserver.log",
@@ -347,9 +347,9 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
                             "negative_prompt": C.NEGATIVE_PROMPT, "steps": args.steps,
                             "guidance_scale": args.guidance_scale, "seed": rep * 1000 + i,
                             "sampler": "ddim", "num_images": 1}
-                before = unet_stats(server.http_url)
+                before = pipeline_unet_stats(server.http_url, server.metrics_url)
                 b = burst(server.http_url, n, args.requests_per_client, request, args.timeout)
-                b.unet = unet_stats(server.http_url) - before
+                b.unet = pipeline_unet_stats(server.http_url, server.metrics_url) - before
                 return b
             return run
 

@@ -16,10 +16,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from export.ort import usable_cores
 from ldm.modules.text_encoder import BERTTokenizer
+from server.batching import CallBatcher
 from server.limits import InvalidRequest, Limits
+from server.networks import onnx_networks
 from server.txt2img import (
     ALPHAS_FILE,
+    NETWORKS,
     TOKENIZER_DIR,
     Cancelled,
     PipelineInfo,
@@ -61,6 +65,41 @@ def bls_function(target: dict) -> Callable[..., np.ndarray]:
     return call
 
 
+def network_metrics(model: str) -> Callable[[str, list[int], int, float], None] | None:
+    """`CallBatcher.on_run` feeding counters on Triton's /metrics endpoint, labelled {model,
+    network}: ldm_network_executions_total (runs), ldm_network_batch_items_total (items they
+    held), ldm_network_calls_total (request calls they merged), ldm_network_compute_us_total.
+    None where the Python backend has no custom metrics."""
+    if not hasattr(pb_utils, "MetricFamily"):
+        return None
+    descriptions = {
+        "ldm_network_executions_total": "network runs of the pipeline's in-process batcher",
+        "ldm_network_batch_items_total": "batch items those runs held",
+        "ldm_network_calls_total": "request calls those runs merged",
+        "ldm_network_compute_us_total": "microseconds those runs took",
+    }
+    try:
+        families = [pb_utils.MetricFamily(name, text, pb_utils.MetricFamily.COUNTER)
+                    for name, text in descriptions.items()]
+    except Exception as e:  # noqa: BLE001 - metrics are optional, serving is not
+        log.warning("no network metrics: %s", e)
+        return None
+    metrics: dict[str, list] = {}
+
+    def on_run(network: str, sizes: list[int], calls: int, seconds: float) -> None:
+        if network not in metrics:
+            labels = {"model": model, "network": network}
+            metrics[network] = [f.Metric(labels) for f in families]
+        runs, items, merged, micros = metrics[network]
+        runs.increment(len(sizes))
+        items.increment(sum(sizes))
+        merged.increment(calls)
+        micros.increment(seconds * 1e6)
+
+    on_run.families = families  # they must outlive their metrics
+    return on_run
+
+
 def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     """Everything `initialize` needs, from the model's config and its version folder."""
     config = json.loads(args["model_config"])
@@ -72,19 +111,31 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     folder = Path(args["model_repository"]) / args["model_version"]
     info = PipelineInfo.load(folder)
     tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
+    batcher = None
+    if options.networks == "onnxruntime":
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        threads = options.intra_op_threads or max(1, usable_cores() // instances)
+        fns = onnx_networks(Path(args["model_repository"]).parent, info, threads)
+        batcher = CallBatcher(options.batch_wait_ms / 1000,
+                              on_run=network_metrics(config.get("name", "")))
+    else:
+        fns = {name: bls_function(getattr(info, name)) for name in NETWORKS}
     service = Txt2ImgService(
         info, np.load(folder / ALPHAS_FILE), tokenizer,
-        encode_fn=bls_function(info.text_encoder),
-        unet_fn=bls_function(info.unet),
-        decode_fn=bls_function(info.vae_decoder),
-        options=options,
+        encode_fn=fns["text_encoder"], unet_fn=fns["unet"], decode_fn=fns["vae_decoder"],
+        options=options, batcher=batcher,
     )
-    log.info("%s ready: limits %s", config.get("name"), limits)
+    log.info("%s ready: networks %s, limits %s", config.get("name"), options.networks, limits)
     return service, limits, options
 
 
 def read_inputs(request) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in request.inputs()}
+
+
+
+class Unavailable(RuntimeError):
+    """The model cannot take this request now (it is being unloaded); try again."""
 
 
 def error_for(exc: BaseException):
@@ -93,6 +144,8 @@ def error_for(exc: BaseException):
         return _error(str(exc), "INVALID_ARG")
     if isinstance(exc, Cancelled):
         return _error(str(exc), "CANCELLED")
+    if isinstance(exc, Unavailable):
+        return _error(str(exc), "UNAVAILABLE")
     log.exception("request failed", exc_info=exc)
     return _error(f"internal error: {type(exc).__name__}: {exc}", "INTERNAL")
 

@@ -46,22 +46,26 @@ PIPELINE_SOURCES: tuple[str, ...] = (
     "ldm/samplers/__init__.py", "ldm/samplers/ddim.py", "ldm/samplers/ddpm.py",
     "ldm/samplers/dpm_solver.py", "ldm/samplers/guidance.py", "ldm/samplers/plms.py",
     "ldm/modules/__init__.py", "ldm/modules/text_encoder.py",
-    "server/__init__.py", "server/bls.py", "server/limits.py", "server/txt2img.py",
+    "server/__init__.py", "server/batching.py", "server/bls.py", "server/limits.py",
+    "server/networks.py", "server/txt2img.py",
+    "export/__init__.py", "export/ort.py",
 )
 # Keys of `options`: those export/repository.py passes, then our own.
 EXPORT_OPTIONS: tuple[str, ...] = ("backend", "models", "model_config", "instance_kind",
                                    "instances", "max_batch", "weights")
 PIPELINE_OPTIONS: tuple[str, ...] = (
     "pipeline_models",  # which of PIPELINE_MODELS to write (default both)
-    "pipeline_instances",  # instances of the non-streaming model (default 2: two requests
-    # in flight let `unet` batch their steps); the streaming one runs a thread per request
+    "pipeline_instances",  # instances of the non-streaming model (default 1: it runs up to
+    # max_concurrent requests in threads; more instances split the cores between them)
     "limits",  # dict of Limits fields overriding the defaults derived from the specs
-    "serving",  # dict of ServingOptions fields
+    "serving",  # dict of ServingOptions fields; `networks` defaults to onnxruntime when the
+    # networks are ONNX Runtime Python-backend models (CPU), else to bls
 )
 
 
-def pipeline_info(model, specs: Mapping) -> PipelineInfo:
-    """The facts the loop needs, from the LatentDiffusion and the export specs."""
+def pipeline_info(model, specs: Mapping, onnx: bool = True) -> PipelineInfo:
+    """The facts the loop needs, from the LatentDiffusion and the export specs; `onnx`: the
+    repository holds each network as `<name>/1/model.onnx` (not TensorRT engines)."""
     from export.triton_config import triton_dims
 
     targets = {}
@@ -70,7 +74,9 @@ def pipeline_info(model, specs: Mapping) -> PipelineInfo:
         batched = spec.max_batch_size > 0
         unsqueeze = [t.name for t in spec.inputs if triton_dims(t, batched)[1] is not None]
         targets[name] = {"model": spec.name, "inputs": [t.name for t in spec.inputs],
-                         "output": spec.outputs[0].name, "unsqueeze": unsqueeze}
+                         "output": spec.outputs[0].name, "unsqueeze": unsqueeze,
+                         "onnx": f"{spec.name}/1/model.onnx" if onnx else None,
+                         "max_batch": spec.max_batch_size}
     cfg = model.config
     return PipelineInfo(
         latent_channels=cfg.unet.in_channels,
@@ -210,10 +216,15 @@ def write_pipeline_models(repo_dir: Path, model, specs: Mapping, options: Mappin
     bad = [n for n in names if n not in PIPELINE_MODELS]
     if bad:
         raise ValueError(f"unknown pipeline model(s) {bad}; allowed: {list(PIPELINE_MODELS)}")
-    info = pipeline_info(model, specs)
+    backend = options.get("backend", "python")
+    info = pipeline_info(model, specs, onnx=backend != "tensorrt")
     limits = default_limits(model, specs, options.get("limits"))
-    serving = ServingOptions(**dict(options.get("serving", {})))
-    instances = int(options.get("pipeline_instances", 2))
+    serving = ServingOptions(**{"networks": "onnxruntime" if backend == "python" else "bls",
+                                **dict(options.get("serving", {}))})
+    if serving.networks == "onnxruntime" and backend == "tensorrt":
+        raise ValueError("networks=onnxruntime needs ONNX files; a TensorRT repository has "
+                         "engines only: use networks=bls")
+    instances = int(options.get("pipeline_instances", 1))
     if instances < 1:
         raise ValueError(f"pipeline_instances must be >= 1, got {instances}")
     alphas = model.alphas_cumprod.detach().cpu().numpy().astype(np.float32)

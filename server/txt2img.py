@@ -1,9 +1,14 @@
 """The served text-to-image loop, with the three networks behind plain numpy functions.
 
-The Triton pipeline models (`ldm_txt2img`, `ldm_txt2img_stream`) plug BLS calls to the
-`text_encoder`, `unet` and `vae_decoder` models into `Txt2ImgService`; tests plug in the
-PyTorch modules. Everything else happens here and matches `ldm.pipeline.Txt2ImgPipeline` step
-for step, so a seed gives the same image in process and through Triton:
+The Triton pipeline models (`ldm_txt2img`, `ldm_txt2img_stream`) plug the `text_encoder`,
+`unet` and `vae_decoder` networks into `Txt2ImgService`: either ONNX Runtime sessions on the
+repository's ONNX files inside the pipeline's own process (`networks: onnxruntime`, the CPU
+default: no IPC per step), or BLS calls to those Triton models (`networks: bls`, for TensorRT
+engines); tests plug in the PyTorch modules. Concurrent requests run in threads; with
+in-process networks a `server.batching.CallBatcher` merges their network calls, as Triton's
+dynamic batcher merges BLS calls. Everything else happens here and matches
+`ldm.pipeline.Txt2ImgPipeline` step for step, so a seed gives the same image in process and
+through Triton:
 
 1. tokenize (BERT, 77 tokens; truncation is reported) and encode the prompt, and the negative
    prompt when guidance is on (both cached by text: the empty negative prompt is computed once);
@@ -32,6 +37,7 @@ import torch
 from ldm.pipeline import initial_noise, latents_to_uint8
 from ldm.samplers import get_sampler
 from ldm.samplers.guidance import cfg_denoiser
+from server.batching import CallBatcher
 from server.limits import GenerationRequest, Limits
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ UNetNumpyFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 DecodeFn = Callable[[np.ndarray], np.ndarray]  # latent (B, C, h, w) -> image (B, 3, H, W) [-1, 1]
 
 PREVIEW_MODES: tuple[str, ...] = ("none", "latent", "decoded")
+NETWORKS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
+NETWORK_MODES: tuple[str, ...] = ("onnxruntime", "bls")
 
 
 class Cancelled(Exception):
@@ -54,7 +62,8 @@ class Cancelled(Exception):
 
 
 def _target(model: str, inputs: list[str], output: str, unsqueeze: list[str] | None = None):
-    return {"model": model, "inputs": inputs, "output": output, "unsqueeze": unsqueeze or []}
+    return {"model": model, "inputs": inputs, "output": output, "unsqueeze": unsqueeze or [],
+            "onnx": None, "max_batch": 16}
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,12 @@ class PipelineInfo:
     parameterization: str  # "eps" or "x0": what the UNet predicts
     max_seq_len: int  # tokens per prompt
     scale_factor: float  # informational: the VAE graphs apply it themselves
-    # The BLS targets, from export/specs.py: {"model", "inputs" (names in call order),
-    # "output", "unsqueeze"}. "unsqueeze" lists the inputs that a batched model declares as
-    # `dims: [1] reshape: { shape: [] }` (export/triton_config.py): sent as (B, 1), not (B,).
+    # The networks, from export/specs.py: {"model", "inputs" (names in call order), "output",
+    # "unsqueeze", "onnx", "max_batch"}. "unsqueeze" lists the inputs that a batched model
+    # declares as `dims: [1] reshape: { shape: [] }` (export/triton_config.py): sent through
+    # BLS as (B, 1), not (B,). "onnx" is the graph's path relative to the repository root
+    # (None when the repository holds no ONNX file, e.g. TensorRT engines); "max_batch" the
+    # largest batch the graph takes.
     text_encoder: dict = field(default_factory=lambda: _target(
         "text_encoder", ["input_ids"], "context"))
     unet: dict = field(default_factory=lambda: _target(
@@ -84,6 +96,7 @@ class PipelineInfo:
         return cls(**json.loads((folder / PIPELINE_FILE).read_text()))
 
 
+
 @dataclass(frozen=True)
 class ServingOptions:
     """config.pbtxt parameters of a pipeline model that are not request limits."""
@@ -92,15 +105,27 @@ class ServingOptions:
     preview_every: int = 1  # steps between previews (streaming model)
     embedding_cache: int = 64  # prompts whose embeddings are kept
     torch_threads: int = 1  # the loop's own math is tiny; leave the cores to the UNet
-    max_concurrent: int = 4  # requests the streaming model runs at once
+    # Requests a pipeline model runs at once, a thread each (more wait their turn); their
+    # guided UNet steps share one batch, so 8 fills the exported UNet's batch of 16.
+    max_concurrent: int = 8
+    # onnxruntime: the pipeline runs the repository's ONNX graphs itself (no IPC per step);
+    # bls: it calls the text_encoder/unet/vae_decoder models (TensorRT, or another host).
+    # Older repositories lack the parameter: they were written for BLS.
+    networks: str = "bls"
+    intra_op_threads: int = 0  # ONNX Runtime threads of in-process networks; 0: all cores
+    batch_wait_ms: int = 10  # longest a network call waits for other requests' calls
 
     def __post_init__(self) -> None:
         if self.preview not in PREVIEW_MODES:
             raise ValueError(f"preview {self.preview!r}; allowed: {list(PREVIEW_MODES)}")
+        if self.networks not in NETWORK_MODES:
+            raise ValueError(f"networks {self.networks!r}; allowed: {list(NETWORK_MODES)}")
         if min(self.preview_every, self.embedding_cache, self.torch_threads,
                self.max_concurrent) < 1:
             raise ValueError("preview_every, embedding_cache, torch_threads and "
                              "max_concurrent must be >= 1")
+        if self.intra_op_threads < 0 or self.batch_wait_ms < 0:
+            raise ValueError("intra_op_threads and batch_wait_ms must be >= 0")
 
     def to_parameters(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -195,10 +220,18 @@ class Txt2ImgService:
 
     def __init__(self, info: PipelineInfo, alphas_cumprod: np.ndarray, tokenizer,
                  encode_fn: EncodeFn, unet_fn: UNetNumpyFn, decode_fn: DecodeFn,
-                 options: ServingOptions = ServingOptions()):
+                 options: ServingOptions = ServingOptions(),
+                 batcher: CallBatcher | None = None):
         self.info = info
         self.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod))
         self.tokenizer = tokenizer
+        # With a batcher, the calls of concurrent generate() threads are merged (each network
+        # up to the batch its graph takes); without one, each call runs as made.
+        self.batcher = batcher
+        if batcher is not None:
+            encode_fn = batcher.wrap(encode_fn, info.text_encoder["max_batch"], "text_encoder")
+            unet_fn = batcher.wrap(unet_fn, info.unet["max_batch"], "unet")
+            decode_fn = batcher.wrap(decode_fn, info.vae_decoder["max_batch"], "vae_decoder")
         self.encode_fn, self.unet_fn, self.decode_fn = encode_fn, unet_fn, decode_fn
         self.options = options
         self.cache = EmbeddingCache(options.embedding_cache)
@@ -231,6 +264,14 @@ class Txt2ImgService:
                  on_progress: Callable[[Progress], object] | None = None,
                  is_cancelled: Callable[[], bool] | None = None) -> Result:
         """(N, H, W, 3) uint8 images for `req`; raises Cancelled when `is_cancelled()` says so."""
+        if self.batcher is None:
+            return self._generate(req, on_progress, is_cancelled)
+        with self.batcher.member():
+            return self._generate(req, on_progress, is_cancelled)
+
+    def _generate(self, req: GenerationRequest,
+                  on_progress: Callable[[Progress], object] | None,
+                  is_cancelled: Callable[[], bool] | None) -> Result:
         info, f = self.info, self.info.downsample_factor
         if req.height % f or req.width % f:
             raise ValueError(f"height and width must be multiples of {f}")

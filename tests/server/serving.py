@@ -80,11 +80,15 @@ def decode_png(b64: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def unet_counts(triton_http_url: str) -> tuple[int, int]:
-    """(executions, requests) of the `unet` model so far, from Triton's statistics."""
-    stats = httpx.get(f"http://{triton_http_url}/v2/models/unet/stats").json()
-    entry = stats["model_stats"][0]
-    return int(entry["execution_count"]), int(entry["inference_stats"]["success"]["count"])
+def unet_counts(server) -> tuple[int, int]:
+    """(executions, calls) of the UNet so far, summed over the pipeline models: the counters
+    their in-process batcher publishes on Triton's /metrics (server/bls.py)."""
+    totals = {"ldm_network_executions_total": 0, "ldm_network_calls_total": 0}
+    for line in httpx.get(server.metrics_url).text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals and 'network="unet"' in line:
+            totals[name] += int(float(line.rsplit(" ", 1)[1]))
+    return totals["ldm_network_executions_total"], totals["ldm_network_calls_total"]
 
 
 def read_sse(response: httpx.Response) -> Iterator[tuple[str, dict]]:

@@ -94,7 +94,7 @@ def test_stream_sends_progress_in_order_then_the_result(http, gateway):
 
 
 def test_client_disconnect_cancels_the_triton_stream(gateway, triton):
-    _, before = unet_counts(triton.http_url)
+    _, before = unet_counts(triton)
     seen = []
     t0 = time.monotonic()
     with httpx.stream("POST", gateway + STREAM, json={"prompt": PROMPT, "steps": 1000},
@@ -106,7 +106,7 @@ def test_client_disconnect_cancels_the_triton_stream(gateway, triton):
     # The gateway cancels the gRPC stream; Triton's loop stops at its next UNet call.
     last, stable_since = -1, time.monotonic()
     while time.monotonic() - stable_since < 1.5:
-        _, now = unet_counts(triton.http_url)
+        _, now = unet_counts(triton)
         if now != last:
             last, stable_since = now, time.monotonic()
         assert time.monotonic() - t0 < 30, "unet kept running after the disconnect"
@@ -116,7 +116,7 @@ def test_client_disconnect_cancels_the_triton_stream(gateway, triton):
 
 
 def test_concurrent_requests_reach_triton_together(gateway, triton):
-    exec_before, req_before = unet_counts(triton.http_url)
+    exec_before, req_before = unet_counts(triton)
     results: list[httpx.Response] = []
 
     def post(seed: int) -> None:
@@ -136,7 +136,7 @@ def test_concurrent_requests_reach_triton_together(gateway, triton):
     for t in threads:
         t.join(120)
     assert [r.status_code for r in results] == [200] * 6
-    executions, requests = unet_counts(triton.http_url)
+    executions, requests = unet_counts(triton)
     assert requests - req_before >= 6 * 8  # one UNet request per step per request
     # Fewer executions than requests: steps of different HTTP requests met in one batch,
     # which needs them in flight at Triton at the same time.

@@ -89,9 +89,32 @@ def test_configs_parse_with_tritons_schema(repo):
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         limits = Limits.from_parameters(params)
         assert limits.max_steps == 30 and limits.sizes == (16, 32) and limits.max_images == 3
-        assert ServingOptions.from_parameters(params).preview_every == 2
+        serving = ServingOptions.from_parameters(params)
+        assert serving.preview_every == 2 and serving.networks == "onnxruntime"
         # Non-streaming: concurrent requests need instances; streaming: threads.
         assert cfg.instance_group[0].count == (1 if decoupled else 3)
+
+
+@pytest.mark.parametrize("backend, networks", [("python", "onnxruntime"), ("onnxruntime", "bls"),
+                                               ("tensorrt", "bls")])
+def test_networks_follow_the_backend(model, specs, tmp_path, backend, networks):
+    # ONNX Runtime Python-backend models (CPU): the pipeline opens their graphs itself.
+    # Triton's own backends (TensorRT engines, onnxruntime_onnx on a GPU): BLS calls.
+    write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS, "backend": backend,
+                                                   "pipeline_models": ["ldm_txt2img"]})
+    params = {k: v.string_value for k, v in
+              read_config(tmp_path / "ldm_txt2img" / "config.pbtxt").parameters.items()}
+    assert ServingOptions.from_parameters(params).networks == networks
+    info = PipelineInfo.load(tmp_path / "ldm_txt2img" / "1")
+    assert (info.unet["onnx"] is None) is (backend == "tensorrt")
+
+
+def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
+    with pytest.raises(ValueError, match="TensorRT repository has engines only: use networks=bls"):
+        write_pipeline_models(tmp_path, model, specs, {
+            **EXPORT_OPTIONS, "backend": "tensorrt", "serving": {"networks": "onnxruntime"}})
+    with pytest.raises(ValueError, match="networks 'gpu'; allowed"):
+        ServingOptions(networks="gpu")
 
 
 def test_pipeline_facts(repo, model):
@@ -101,7 +124,8 @@ def test_pipeline_facts(repo, model):
             info.max_seq_len, info.scale_factor) == (4, 4, "eps", 77, 0.5)
     # The UNet's (B,) timestep is declared dims [1] + reshape in the batched unet config.
     assert info.unet == {"model": "unet", "inputs": ["latent", "timestep", "context"],
-                         "output": "noise_pred", "unsqueeze": ["timestep"]}
+                         "output": "noise_pred", "unsqueeze": ["timestep"],
+                         "onnx": "unet/1/model.onnx", "max_batch": 6}
     assert info.text_encoder["unsqueeze"] == [] and info.vae_decoder["output"] == "image"
     alphas = np.load(version / "alphas_cumprod.npy")
     assert alphas.dtype == np.float32

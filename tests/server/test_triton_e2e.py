@@ -22,6 +22,7 @@ import tritonclient.http as httpclient
 from server.client import StreamProgress, Txt2ImgClient, Txt2ImgError, Txt2ImgOutput, main
 from server.triton import TritonServer
 from tests.server.conftest import psnr
+from tests.server.serving import unet_counts
 
 PROMPT = "a red circle in the top left"
 MAX_BATCH = 4
@@ -67,13 +68,6 @@ def server(repository, tmp_path_factory):
 def client(server):
     with Txt2ImgClient(server.grpc_url, timeout=60) as c:
         yield c
-
-
-def unet_counts(server) -> tuple[int, int]:
-    """(executions, requests) of the `unet` model so far, from Triton's statistics."""
-    stats = httpx.get(f"http://{server.http_url}/v2/models/unet/stats").json()
-    entry = stats["model_stats"][0]
-    return int(entry["execution_count"]), int(entry["inference_stats"]["success"]["count"])
 
 
 def test_grpc_and_http_inference(server, client):
@@ -184,6 +178,29 @@ def test_concurrent_requests_are_batched_in_unet(server, client):
     assert requests - req_before == 6 * 8  # one UNet request per step per request
     # Fewer executions than requests: the dynamic batcher merged steps of different requests.
     assert executions - exec_before < requests - req_before
+
+
+def test_bls_networks_give_the_same_images(repository, served_model, client, tmp_path):
+    # networks=bls (how TensorRT engines are served): the pipeline calls the `unet` model
+    # through Triton instead of opening its ONNX graph; same loop, same images.
+    import shutil
+
+    from export.specs import ShapeLimits, build_specs
+    from server.repository import write_pipeline_models
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(repository, repo, ignore=shutil.ignore_patterns("ldm_txt2img_stream"))
+    write_pipeline_models(repo, served_model, build_specs(served_model.config,
+                                                          ShapeLimits(max_batch=MAX_BATCH)),
+                          {"pipeline_models": ["ldm_txt2img"], "serving": {"networks": "bls"},
+                           "limits": {"max_steps": 1000, "default_steps": 4}})
+    kw = dict(seed=4, steps=5, num_images=2, guidance_scale=5.0)
+    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as bls_server:
+        with Txt2ImgClient(bls_server.grpc_url, timeout=60) as bls_client:
+            got = bls_client.generate(PROMPT, **kw).images
+        stats = httpx.get(f"http://{bls_server.http_url}/v2/models/unet/stats").json()
+    assert int(stats["model_stats"][0]["inference_stats"]["success"]["count"]) == 5
+    assert psnr(got, client.generate(PROMPT, **kw).images) >= 40
 
 
 BAD = [

@@ -1,0 +1,47 @@
+"""The pipeline's networks as numpy functions on ONNX Runtime sessions in this process.
+
+With `networks: onnxruntime` (ServingOptions) the pipeline model opens the repository's own
+ONNX graphs, the same files the `text_encoder`, `unet` and `vae_decoder` models serve, and
+calls them directly: no BLS round trip through the Triton core per sampler step (measured:
+3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). The price is memory: the
+weights are loaded once more, in the pipeline's process.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.ort import make_session
+from server.txt2img import NETWORKS, PipelineInfo
+
+NumpyFn = Callable[..., np.ndarray]
+
+
+def onnx_function(path: str | Path, inputs: list[str], output: str,
+                  threads: int | None = None) -> NumpyFn:
+    """fn(*arrays) -> `output` of the graph at `path`, arrays given in `inputs` order."""
+    session = make_session(path, threads)
+    names = [i.name for i in session.get_inputs()]
+    if sorted(names) != sorted(inputs):
+        raise ValueError(f"{path}: graph inputs {names}, pipeline.json says {inputs}")
+
+    def call(*arrays: np.ndarray) -> np.ndarray:
+        return session.run([output], dict(zip(inputs, arrays, strict=True)))[0]
+
+    return call
+
+
+def onnx_networks(repository: str | Path, info: PipelineInfo,
+                  threads: int | None = None) -> dict[str, NumpyFn]:
+    """{network name: numpy function} for the graphs pipeline.json names under `repository`."""
+    fns = {}
+    for name in NETWORKS:
+        target = getattr(info, name)
+        if not target.get("onnx"):
+            raise ValueError(f"pipeline.json names no ONNX file for {name} (a TensorRT "
+                             "repository?): use networks=bls")
+        path = Path(repository) / target["onnx"]
+        fns[name] = onnx_function(path, target["inputs"], target["output"], threads)
+    return fns
