@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-calls", type=int,
                    help="UNet calls per runtime per repetition (default 5; quick 2)")
     p.add_argument("--pipeline-instances", type=int,
-                   help="ldm_txt2img instances (default: what export writes, 2)")
+                   help="ldm_txt2img instances (default: what export writes, 1)")
     p.add_argument("--settle", type=float,
                    help="seconds of idle between contenders (default 0.1; quick 0)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per Triton request")
@@ -194,7 +194,9 @@ def build_served_repository(args, model, folder: Path, threads: int):
     from server.repository import write_pipeline_models
 
     options = {"pipeline_models": ["ldm_txt2img"], "models": list(options.models),
-               "max_batch": limits.max_batch}
+               "max_batch": limits.max_batch,
+               # The in-process networks get the same thread count as every other runtime.
+               "serving": {"intra_op_threads": threads}}
     if args.pipeline_instances is not None:
         options["pipeline_instances"] = args.pipeline_instances
     write_pipeline_models(out, model, specs, options)
