@@ -16,11 +16,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.ort import usable_cores
 from ldm.modules.text_encoder import BERTTokenizer
 from server.batching import CallBatcher
 from server.limits import InvalidRequest, Limits
-from server.networks import onnx_networks
 from server.txt2img import (
     ALPHAS_FILE,
     NETWORKS,
@@ -113,6 +111,10 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
     batcher = None
     if options.networks == "onnxruntime":
+        # Imported here: with BLS (TensorRT) the stub needs no ONNX Runtime.
+        from export.ort import usable_cores
+        from server.networks import onnx_networks
+
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         threads = options.intra_op_threads or max(1, usable_cores() // instances)
         fns = onnx_networks(Path(args["model_repository"]).parent, info, threads)
@@ -131,7 +133,6 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
 
 def read_inputs(request) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in request.inputs()}
-
 
 
 class Unavailable(RuntimeError):

@@ -96,7 +96,6 @@ class PipelineInfo:
         return cls(**json.loads((folder / PIPELINE_FILE).read_text()))
 
 
-
 @dataclass(frozen=True)
 class ServingOptions:
     """config.pbtxt parameters of a pipeline model that are not request limits."""
