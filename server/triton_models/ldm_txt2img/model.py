@@ -36,15 +36,17 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            self.pool.submit(self.run, request)
+            # Copied now: the thread may run after execute() has returned.
+            inputs = {name: a.copy() for name, a in bls.read_inputs(request).items()}
+            self.pool.submit(self.run, request, inputs)
         return None  # each response goes through its request's sender
 
-    def run(self, request):
+    def run(self, request, inputs):
         sender = request.get_response_sender()
         try:
             if self.closing:
                 raise bls.Unavailable("the model is being unloaded")
-            req = parse_request(bls.read_inputs(request), self.limits)
+            req = parse_request(inputs, self.limits)
             result = self.service.generate(req, is_cancelled=request.is_cancelled)
             response = pb_utils.InferenceResponse(bls.result_tensors(result))
         except Exception as e:  # noqa: BLE001 - becomes this request's error
