@@ -8,12 +8,17 @@ Each pipeline model folder is self-contained:
 
     ldm_txt2img/config.pbtxt           inputs, outputs, limits as `parameters`
     ldm_txt2img/1/model.py             from server/triton_models/ldm_txt2img/
-    ldm_txt2img/1/{ldm,server}/...     the modules model.py imports (PIPELINE_SOURCES)
+    ldm_txt2img/1/{ldm,server,export}/ the modules model.py imports (PIPELINE_SOURCES)
     ldm_txt2img/1/tokenizer/           BERT tokenizer (tokenizer.json, vocab.txt)
     ldm_txt2img/1/alphas_cumprod.npy   the model's (T,) float32 abar_t buffer
-    ldm_txt2img/1/pipeline.json        latent shape facts and BLS tensor names (PipelineInfo)
+    ldm_txt2img/1/pipeline.json        latent shape facts, the networks' tensor names, ONNX
+                                       paths and max batches (PipelineInfo)
 
-The Python that runs them needs torch, numpy, einops, pyyaml and transformers.
+The Python that runs them needs torch, numpy, einops, pyyaml and transformers, and for
+`networks: onnxruntime` (the default with ONNX Runtime Python-backend networks, i.e. on the
+CPU) onnx and onnxruntime: the pipeline then opens `<repository>/<network>/1/model.onnx`
+itself. The streaming model has `max_batch_size` 0 and is decoupled; `ldm_txt2img` has
+`max_batch_size` 0 too, but answers through response senders from its own threads.
 """
 from __future__ import annotations
 

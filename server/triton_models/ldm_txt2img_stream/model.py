@@ -1,11 +1,12 @@
-"""Triton Python-backend BLS model `ldm_txt2img_stream` (decoupled): progress, then images.
+"""Triton Python-backend model `ldm_txt2img_stream` (decoupled): progress, then images.
 
 Same inputs as `ldm_txt2img`. Sends one response per sampler step (`step`, `total` and a
 low-resolution `preview`), then a final one with `images`, `warnings` and `used_seed`; over
 gRPC streaming or HTTP `POST /v2/models/ldm_txt2img_stream/generate_stream` (server-sent
 events). Each request runs in its own thread (at most `max_concurrent` at once), so one
-instance serves several clients and their UNet calls meet in `unet`'s dynamic batcher. A
-cancelled request stops before its next UNet call.
+instance serves several clients and their UNet calls meet: in this process's
+`server.batching.CallBatcher` (networks: onnxruntime) or in `unet`'s dynamic batcher
+(networks: bls). A cancelled request stops before its next UNet call.
 """
 import sys
 import threading
