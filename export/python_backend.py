@@ -40,6 +40,11 @@ class RequestError(ValueError):
     """A request that cannot run; its message goes back to that request's client."""
 
 
+def instance_count(model_config: dict) -> int:
+    """Instances of a model, from its config (the JSON Triton hands `initialize`)."""
+    return sum(int(g.get("count", 1)) for g in model_config.get("instance_group", [])) or 1
+
+
 def threads_for(parameter: str | int | None, instances: int) -> int:
     """Intra-op threads per instance: the configured number, or the cores shared evenly."""
     value = int(parameter or 0)

@@ -15,16 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
 
-from export.python_backend import OnnxBatchModel, threads_for  # noqa: E402
+from export.python_backend import OnnxBatchModel, instance_count, threads_for  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        threads = threads_for(params.get("intra_op_threads"), instances)
+        threads = threads_for(params.get("intra_op_threads"), instance_count(config))
         self.model = OnnxBatchModel(path, threads)
         self.outputs = [o["name"] for o in config["output"]]
 

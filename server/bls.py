@@ -112,11 +112,10 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     batcher = None
     if options.networks == "onnxruntime":
         # Imported here: with BLS (TensorRT) the stub needs no ONNX Runtime.
-        from export.ort import usable_cores
+        from export.python_backend import instance_count, threads_for
         from server.networks import onnx_networks
 
-        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        threads = options.intra_op_threads or max(1, usable_cores() // instances)
+        threads = threads_for(options.intra_op_threads, instance_count(config))
         fns = onnx_networks(Path(args["model_repository"]).parent, info, threads)
         batcher = CallBatcher(options.batch_wait_ms / 1000,
                               on_run=network_metrics(config.get("name", "")))

@@ -53,7 +53,7 @@ PIPELINE_SOURCES: tuple[str, ...] = (
     "ldm/modules/__init__.py", "ldm/modules/text_encoder.py",
     "server/__init__.py", "server/batching.py", "server/bls.py", "server/limits.py",
     "server/networks.py", "server/txt2img.py",
-    "export/__init__.py", "export/ort.py",
+    "export/__init__.py", "export/ort.py", "export/python_backend.py",
 )
 # Keys of `options`: those export/repository.py passes, then our own.
 EXPORT_OPTIONS: tuple[str, ...] = ("backend", "models", "model_config", "instance_kind",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.python_backend import OnnxBatchModel, RequestError, threads_for
+from export.python_backend import OnnxBatchModel, RequestError, instance_count, threads_for
 from export.specs import GRAPHS
 
 
@@ -95,6 +95,12 @@ def test_a_failing_merged_run_is_retried_per_request(tiny_model, tiny_onnx):
         with torch.no_grad():
             expected = encoder(torch.from_numpy(ids[i])).numpy()
         assert np.abs(results[i]["context"] - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_instance_count_sums_the_groups():
+    assert instance_count({"instance_group": [{"count": 2}, {"count": 3, "kind": "KIND_CPU"}]}) == 5
+    assert instance_count({"instance_group": [{"kind": "KIND_CPU"}]}) == 1  # count defaults to 1
+    assert instance_count({}) == 1
 
 
 def test_threads_for():
