@@ -10,7 +10,8 @@ prompt), `steps` DDIM steps with classifier-free guidance as ONE UNet call on th
    `DDIMScheduler`, the loop of diffusers' `LDMTextToImagePipeline` (CFG batch doubling,
    `scheduler.step`), written out here because that pipeline hard-codes 8x VAE downsampling;
 3. `OrtService`: `server.txt2img.Txt2ImgService` (the loop the Triton pipeline model runs)
-   with ONNX Runtime sessions (`export.ort.make_session`) on the repository's ONNX files;
+   with ONNX Runtime sessions (`server.networks.onnx_function`, as the served pipeline opens
+   them) on the repository's ONNX files;
 4. `TritonHttp`: `server.client.Txt2ImgClient` over HTTP to `ldm_txt2img`.
 
 The step contenders call the UNet alone on the CFG batch (2 latents, 2 contexts).
@@ -91,26 +92,20 @@ class OrtService:
 
     def __init__(self, model, repository: Path, specs: dict, threads: int, steps: int,
                  guidance_scale: float, image_size: int):
-        from export.ort import make_session
+        from server.networks import onnx_function
         from server.repository import pipeline_info
         from server.txt2img import ServingOptions, Txt2ImgService
 
-        self.sessions = {name: make_session(repository_onnx(repository, name), threads)
-                         for name in ("text_encoder", "unet", "vae_decoder")}
-        names = {name: ([t.name for t in specs[name].inputs], specs[name].outputs[0].name)
-                 for name in self.sessions}
-        self.unet_names = names["unet"]
-
-        def runner(name: str):
-            inputs, output = names[name]
-            session = self.sessions[name]
-            return lambda *arrays: session.run([output], dict(zip(inputs, arrays,
-                                                                   strict=True)))[0]
-
+        # The functions the served pipeline opens with networks: onnxruntime.
+        fns = {name: onnx_function(repository_onnx(repository, name),
+                                   [t.name for t in specs[name].inputs],
+                                   specs[name].outputs[0].name, threads)
+               for name in ("text_encoder", "unet", "vae_decoder")}
+        self.unet_step = fns["unet"]  # (x, t, c) -> noise_pred: the step contender
         self.service = Txt2ImgService(
             pipeline_info(model, specs), model.alphas_cumprod.numpy(),
-            model.cond_stage_model.tknz_fn, runner("text_encoder"), runner("unet"),
-            runner("vae_decoder"), ServingOptions(preview="none"))
+            model.cond_stage_model.tknz_fn, fns["text_encoder"], fns["unet"],
+            fns["vae_decoder"], ServingOptions(preview="none"))
         self.steps, self.guidance_scale, self.image_size = steps, guidance_scale, image_size
 
     def __call__(self, prompt: str, seed: int) -> np.ndarray:
@@ -121,10 +116,6 @@ class OrtService:
                                 sampler="ddim", num_images=1, height=self.image_size,
                                 width=self.image_size)
         return self.service.generate(req).images
-
-    def unet_step(self, x: np.ndarray, t: np.ndarray, c: np.ndarray) -> np.ndarray:
-        inputs, output = self.unet_names
-        return self.sessions["unet"].run([output], dict(zip(inputs, (x, t, c), strict=True)))[0]
 
 
 class TritonHttp:
