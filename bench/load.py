@@ -51,14 +51,10 @@ class UNetStats:
 def network_stats(metrics_url: str, model: str = "ldm_txt2img", network: str = "unet",
                   timeout: float = 10.0) -> UNetStats | None:
     """The in-process batcher's counters for `network` of `model`; None if it published none."""
+    from server.batching import parse_network_metrics
+
     with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("ldm_network_") and f'network="{network}"' in line \
-                and f'model="{model}"' in line:
-            name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
-            values[name] = value
+        values = parse_network_metrics(r.read().decode()).get((model, network))
     if not values:
         return None
     return UNetStats(executions=int(values.get("ldm_network_executions_total", 0)),

@@ -24,6 +24,7 @@ to feed Prometheus counters.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 NumpyFn = Callable[..., np.ndarray]
+
+# What the pipeline models publish of `on_run` on Triton's /metrics (server/bls.py), as
+# counters labelled {model, network}: name -> description.
+NETWORK_METRICS: dict[str, str] = {
+    "ldm_network_executions_total": "network runs of the pipeline's in-process batcher",
+    "ldm_network_batch_items_total": "batch items those runs held",
+    "ldm_network_calls_total": "request calls those runs merged",
+    "ldm_network_compute_us_total": "microseconds those runs took",
+}
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_network_metrics(text: str) -> dict[tuple[str, str], dict[str, float]]:
+    """{(model, network): {metric: value}} of the NETWORK_METRICS in a /metrics page."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None or m.group(1) not in NETWORK_METRICS:
+            continue
+        labels = dict(_LABEL.findall(m.group(2)))
+        key = (labels.get("model", ""), labels.get("network", ""))
+        out.setdefault(key, {})[m.group(1)] = float(m.group(3))
+    return out
 
 
 @dataclass(eq=False)

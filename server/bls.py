@@ -17,7 +17,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ldm.modules.text_encoder import BERTTokenizer
-from server.batching import CallBatcher
+from server.batching import NETWORK_METRICS, CallBatcher
 from server.limits import InvalidRequest, Limits
 from server.txt2img import (
     ALPHAS_FILE,
@@ -64,21 +64,14 @@ def bls_function(target: dict) -> Callable[..., np.ndarray]:
 
 
 def network_metrics(model: str) -> Callable[[str, list[int], int, float], None] | None:
-    """`CallBatcher.on_run` feeding counters on Triton's /metrics endpoint, labelled {model,
-    network}: ldm_network_executions_total (runs), ldm_network_batch_items_total (items they
-    held), ldm_network_calls_total (request calls they merged), ldm_network_compute_us_total.
-    None where the Python backend has no custom metrics."""
+    """`CallBatcher.on_run` feeding the `server.batching.NETWORK_METRICS` counters on Triton's
+    /metrics endpoint, labelled {model, network}; None where the Python backend has no custom
+    metrics."""
     if not hasattr(pb_utils, "MetricFamily"):
         return None
-    descriptions = {
-        "ldm_network_executions_total": "network runs of the pipeline's in-process batcher",
-        "ldm_network_batch_items_total": "batch items those runs held",
-        "ldm_network_calls_total": "request calls those runs merged",
-        "ldm_network_compute_us_total": "microseconds those runs took",
-    }
     try:
         families = [pb_utils.MetricFamily(name, text, pb_utils.MetricFamily.COUNTER)
-                    for name, text in descriptions.items()]
+                    for name, text in NETWORK_METRICS.items()]
     except Exception as e:  # noqa: BLE001 - metrics are optional, serving is not
         log.warning("no network metrics: %s", e)
         return None

@@ -83,12 +83,12 @@ def decode_png(b64: str) -> np.ndarray:
 def unet_counts(server) -> tuple[int, int]:
     """(executions, calls) of the UNet so far, summed over the pipeline models: the counters
     their in-process batcher publishes on Triton's /metrics (server/bls.py)."""
-    totals = {"ldm_network_executions_total": 0, "ldm_network_calls_total": 0}
-    for line in httpx.get(server.metrics_url).text.splitlines():
-        name = line.split("{", 1)[0]
-        if name in totals and 'network="unet"' in line:
-            totals[name] += int(float(line.rsplit(" ", 1)[1]))
-    return totals["ldm_network_executions_total"], totals["ldm_network_calls_total"]
+    from server.batching import parse_network_metrics
+
+    unet = [v for (_, network), v in parse_network_metrics(httpx.get(server.metrics_url).text)
+            .items() if network == "unet"]
+    return (int(sum(v.get("ldm_network_executions_total", 0) for v in unet)),
+            int(sum(v.get("ldm_network_calls_total", 0) for v in unet)))
 
 
 def read_sse(response: httpx.Response) -> Iterator[tuple[str, dict]]:

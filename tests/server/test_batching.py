@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from server.batching import CallBatcher
+from server.batching import CallBatcher, parse_network_metrics
 
 JOIN_S = 30  # generous bound on thread joins: a hang fails the test instead of the suite
 
@@ -177,3 +177,21 @@ def test_bad_settings_are_refused():
         CallBatcher(max_wait_s=-1)
     with pytest.raises(ValueError, match="max_batch"):
         CallBatcher().wrap(Affine(), max_batch=0)
+
+
+def test_network_metrics_are_parsed_by_model_and_network():
+    page = "\n".join([
+        "# HELP ldm_network_executions_total network runs of the pipeline's in-process batcher",
+        "# TYPE ldm_network_executions_total counter",
+        'ldm_network_executions_total{model="ldm_txt2img",network="unet"} 25',
+        'ldm_network_calls_total{model="ldm_txt2img",network="unet"} 50',
+        'ldm_network_executions_total{model="ldm_txt2img_stream",network="unet"} 3',
+        'ldm_network_compute_us_total{network="vae_decoder",model="ldm_txt2img"} 1.5e+04',
+        'nv_inference_count{model="unet",version="1"} 7',
+    ])
+    assert parse_network_metrics(page) == {
+        ("ldm_txt2img", "unet"): {"ldm_network_executions_total": 25.0,
+                                  "ldm_network_calls_total": 50.0},
+        ("ldm_txt2img_stream", "unet"): {"ldm_network_executions_total": 3.0},
+        ("ldm_txt2img", "vae_decoder"): {"ldm_network_compute_us_total": 15000.0},
+    }
