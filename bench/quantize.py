@@ -14,6 +14,7 @@ largest pixel difference (of 255). Prints a table; measures, changes nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -52,13 +53,6 @@ def step_ms(session, batch: int, latent: tuple[int, int, int], context: tuple[in
     return statistics.median(times) * 1000
 
 
-def _default_size(repo: Path) -> int:
-    """The served model's default image size: the first of its `sizes` limit."""
-    text = (repo / "ldm_txt2img" / "config.pbtxt").read_text()
-    sizes = text.split('key: "sizes" value: { string_value: "', 1)[1].split('"', 1)[0]
-    return int(sizes.split(",")[0])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
@@ -74,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.modules.text_encoder import BERTTokenizer
     from server.limits import GenerationRequest
     from server.networks import onnx_function
+    from server.repository import read_pipeline_config
     from server.txt2img import (
         ALPHAS_FILE,
         TOKENIZER_DIR,
@@ -83,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     repo = args.work_dir / "model_repository"
-    raw = sorted((args.work_dir / "export" / "onnx").glob("unet-*/model.onnx"))
-    if not raw or not (repo / "ldm_txt2img").is_dir():
+    if not (repo / "manifest.json").is_file() or not (repo / "ldm_txt2img").is_dir():
         p.error(f"{args.work_dir}: no bench repository; run `python -m bench` first")
+    # The un-optimised export of the served UNet (export/repository.py caches it by key).
+    key = json.loads((repo / "manifest.json").read_text())["models"]["unet"]["onnx_key"]
+    raw = args.work_dir / "export" / "onnx" / f"unet-{key[:16]}" / "model.onnx"
     version = repo / "ldm_txt2img" / "1"
     info = PipelineInfo.load(version)
     threads = args.threads or None
@@ -94,21 +91,21 @@ def main(argv: list[str] | None = None) -> int:
                              getattr(info, n)["output"], threads)
             for n in ("text_encoder", "vae_decoder")}
     context = nets["text_encoder"](np.zeros((1, info.max_seq_len), np.int64)).shape[1:]
-    rows, images, size = [], {}, 0
+    # The trained latent size: the default image size of the served model.
+    size = read_pipeline_config(repo / "ldm_txt2img")[0].default_size
+    side = size // info.downsample_factor
+    latent = (info.latent_channels, side, side)
+    rows, images = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, ops in VARIANTS.items():
             path = repo / info.unet["onnx"]
             if ops is not None:
                 quantized = Path(tmp) / f"{len(rows)}.onnx"
-                quantize_dynamic(str(raw[-1]), str(quantized), weight_type=QuantType.QInt8,
+                quantize_dynamic(str(raw), str(quantized), weight_type=QuantType.QInt8,
                                  op_types_to_quantize=ops)
                 path = Path(tmp) / f"{len(rows)}_cpu.onnx"
                 optimize_for_cpu(quantized, path)
             session = make_session(path, threads)
-            # The trained latent size: the default image size of the served model.
-            size = _default_size(repo)
-            side = size // info.downsample_factor
-            latent = (info.latent_channels, side, side)
             ms = [step_ms(session, b, latent, context, args.repetitions) for b in (2, 16)]
             unet = onnx_function(path, info.unet["inputs"], info.unet["output"], threads)
             service = Txt2ImgService(info, np.load(version / ALPHAS_FILE), tokenizer,

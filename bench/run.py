@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -204,9 +203,9 @@ def build_served_repository(args, model, folder: Path, threads: int):
 
 
 def pipeline_instances(repository: Path) -> int:
-    text = (repository / "ldm_txt2img" / "config.pbtxt").read_text()
-    m = re.search(r"instance_group\s*\[\s*\{\s*count:\s*(\d+)", text)
-    return int(m.group(1)) if m else 1
+    from server.repository import read_pipeline_config
+
+    return read_pipeline_config(repository / "ldm_txt2img")[2]
 
 
 def cpu_name() -> str:

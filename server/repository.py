@@ -174,6 +174,19 @@ def pipeline_config(name: str, limits: Limits, serving: ServingOptions, *, strea
     return "\n".join(parts) + "\n"
 
 
+def read_pipeline_config(folder: Path) -> tuple[Limits, ServingOptions, int]:
+    """(limits, serving options, instance count) from a pipeline model's config.pbtxt,
+    parsed with Triton's own schema."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse((Path(folder) / "config.pbtxt").read_text(),
+                            model_config_pb2.ModelConfig())
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    instances = sum(g.count or 1 for g in cfg.instance_group) or 1
+    return Limits.from_parameters(params), ServingOptions.from_parameters(params), instances
+
+
 # --- files ---------------------------------------------------------------------------------
 
 def save_tokenizer(model, folder: Path) -> None:
@@ -255,5 +268,5 @@ def write_pipeline_models(repo_dir: Path, model, specs: Mapping, options: Mappin
 
 
 __all__ = ["PIPELINE_MODELS", "PIPELINE_SOURCES", "default_limits",
-           "pipeline_config", "pipeline_info", "save_tokenizer", "supported_sizes",
-           "write_pipeline_models"]
+           "pipeline_config", "pipeline_info", "read_pipeline_config", "save_tokenizer",
+           "supported_sizes", "write_pipeline_models"]

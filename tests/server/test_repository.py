@@ -17,6 +17,7 @@ from server.repository import (
     PIPELINE_SOURCES,
     PROJECT_ROOT,
     default_limits,
+    read_pipeline_config,
     supported_sizes,
     write_pipeline_models,
 )
@@ -115,6 +116,14 @@ def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
             **EXPORT_OPTIONS, "backend": "tensorrt", "serving": {"networks": "onnxruntime"}})
     with pytest.raises(ValueError, match="networks 'gpu'; allowed"):
         ServingOptions(networks="gpu")
+
+
+def test_read_pipeline_config_gives_back_what_was_written(repo):
+    limits, serving, instances = read_pipeline_config(repo / "ldm_txt2img")
+    assert limits.sizes == (16, 32) and limits.max_steps == 30
+    assert serving.preview_every == 2 and serving.networks == "onnxruntime"
+    assert instances == 3
+    assert read_pipeline_config(repo / "ldm_txt2img_stream")[2] == 1
 
 
 def test_pipeline_facts(repo, model):
