@@ -287,9 +287,7 @@ class _Build:
             return folder / "model.onnx", parity
         model = self.loaded_model()
         graph = GRAPHS[name](model)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        try:
+        with _cache_entry(folder) as tmp:
             t0 = time.perf_counter()
             path = export_onnx(graph, spec, tmp / "model.onnx", self.options.opset,
                                self.options.external_data_threshold)
@@ -297,10 +295,6 @@ class _Build:
             parity = check_parity(graph, path, spec, tol=self.options.parity_tol).to_dict()
             parity.update(export_seconds=seconds, weights=self.weights)
             (tmp / "parity.json").write_text(json.dumps(parity, indent=1))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.report.rebuilt.append(f"{name}: onnx export ({seconds:.1f} s) + parity")
         return folder / "model.onnx", parity
 
@@ -311,15 +305,9 @@ class _Build:
         if level_file.is_file() and not self.force:
             self.report.reused.append(f"{name}: onnxruntime-optimised graph")
             return folder / "model.onnx", level_file.read_text().strip()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        try:
+        with _cache_entry(folder) as tmp:
             level = optimize_for_cpu(onnx_path, tmp / "model.onnx", self.options.ort_level)
             (tmp / "level.txt").write_text(level)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.report.rebuilt.append(f"{name}: onnxruntime graph (level {level})")
         return folder / "model.onnx", level
 
@@ -356,6 +344,20 @@ class _Build:
         else:
             self.report.rebuilt.append(f"{name}: tensorrt engine")
         return path
+
+
+@contextmanager
+def _cache_entry(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside `folder` to fill; it replaces `folder` when the block ends
+    without error, so a cache entry is whole or absent, never half-written."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_repository(
