@@ -9,19 +9,22 @@ that lists what is supported. Our modules keep CompVis's state-dict key names, s
 load strictly: a missing or unexpected key is an error naming the keys.
 
 A `.ckpt` is a pickle, which can run code when loaded. It is read with
-`torch.load(weights_only=True)`; a file that needs more is refused unless the caller passes
+`torch.load(weights_only=True)` (Lightning's own classes mapped to inert stand-ins, see
+ldm/checkpoints.py); a file that needs more is refused unless the caller passes
 `allow_pickle=True` (CLI: `--unsafe-allow-pickle`), to be used only for files you trust.
+`.safetensors` files with CompVis keys load too. Files are memory-mapped and the model is
+built without weights of its own, so loading costs about one copy of the weights, not two.
 """
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from ldm.checkpoints import assign_state, check_keys, empty_weights, read_checkpoint
 from ldm.config import (
     AutoencoderConfig,
     ConfigError,
@@ -115,29 +118,6 @@ def ldm_config(model: dict) -> LDMConfig:
                      cond_stage=text)
 
 
-def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of a `.ckpt`/`.pt` (Lightning `state_dict` inside) or `.safetensors`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds pickled objects beyond tensors, which can run code when loaded; "
-            "refused. If you trust the file, pass allow_pickle=True (--unsafe-allow-pickle). "
-            f"Detail: {str(e).splitlines()[0]}"
-        ) from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: no state_dict found")
-    return state
-
-
 def load_compvis(
     config_yaml: str | Path | None, checkpoint: str | Path, allow_pickle: bool = False
 ) -> Any:
@@ -158,7 +138,9 @@ def load_compvis(
     if model_sec.get("target") in AUTOENCODER_TARGETS:
         from ldm.models.autoencoder import AutoencoderKL
 
-        model = AutoencoderKL(autoencoder_config(model_sec, "model"))
+        cfg = autoencoder_config(model_sec, "model")
+        with empty_weights():
+            model = AutoencoderKL(cfg)
     else:
         from ldm.models.diffusion import LatentDiffusion
 
@@ -167,27 +149,16 @@ def load_compvis(
         if has_ema != cfg.diffusion.use_ema:
             log.info("use_ema=%s to match the checkpoint's model_ema keys", has_ema)
             cfg.diffusion.use_ema = has_ema
-        model = LatentDiffusion(cfg)
+        with empty_weights():  # the weights come from the (memory-mapped) file
+            model = LatentDiffusion(cfg)
         # lvlb_weights is a non-persistent buffer recomputed from the schedule; older
         # checkpoints saved it. Recomputed values are used.
         state = {k: v for k, v in state.items() if k != "lvlb_weights"}
-    load_strict(model, state, str(checkpoint))
+    assign_state(model, state, str(checkpoint))
     return model.eval()
 
 
 def load_strict(model: torch.nn.Module, state: dict, name: str) -> None:
-    """load_state_dict(strict) with an error message that names the offending keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(
-            f"{name}: {len(missing)} missing keys {missing[:5]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
-        )
-    bad = [k for k in own if own[k].shape != state[k].shape]
-    if bad:
-        first = bad[0]
-        raise ValueError(f"{name}: shape mismatch for {bad[:5]} (model "
-                         f"{tuple(own[first].shape)}, checkpoint {tuple(state[first].shape)})")
+    """load_state_dict(strict) (copying into the model's tensors), keys checked first."""
+    check_keys(model, state, name)
     model.load_state_dict(state, strict=True)

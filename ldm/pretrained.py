@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ldm.checkpoints import assign_state, empty_weights, map_safetensors
 from ldm.config import AutoencoderConfig, ConfigError, LDMConfig, from_dict, to_dict
 
 Kind = Literal["autoencoder", "ldm"]
@@ -38,6 +39,7 @@ def save_pretrained(folder: str | Path, model: torch.nn.Module, kind: Kind, cfg)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700: readable like any folder
     try:
         # safetensors refuses shared storage; contiguous clones also drop any views.
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -54,6 +56,19 @@ def save_pretrained(folder: str | Path, model: torch.nn.Module, kind: Kind, cfg)
         raise
 
 
+def current_umask() -> int:
+    """This process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_config(folder: str | Path):
     """(kind, typed config) of a checkpoint folder."""
     path = Path(folder) / "config.yaml"
@@ -67,9 +82,16 @@ def read_config(folder: str | Path):
 
 
 def load_pretrained(folder: str | Path, strict: bool = True) -> torch.nn.Module:
-    """Build the model from config.yaml and load model.safetensors (strict by default)."""
+    """Build the model from config.yaml and load model.safetensors (strict by default).
+
+    Strict loads map the file and build the model without weights of its own (see
+    ldm/checkpoints.py); non-strict ones keep the initialised weights the file lacks."""
     kind, cfg = read_config(folder)
-    model = build_model(kind, cfg)
-    state = load_file(str(Path(folder) / "model.safetensors"))
-    model.load_state_dict(state, strict=strict)
-    return model.eval()
+    path = Path(folder) / "model.safetensors"
+    if not strict:
+        model = build_model(kind, cfg)
+        model.load_state_dict(load_file(str(path)), strict=False)
+        return model.eval()
+    with empty_weights():
+        model = build_model(kind, cfg)
+    return assign_state(model, map_safetensors(path), str(path)).eval()
