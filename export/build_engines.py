@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("build/export"),
                    help="cache of ONNX files and engines")
     p.add_argument("--force", action="store_true", help="rebuild everything")
+    p.add_argument("--replace", action="store_true",
+                   help="rebuild --out even though it was built from another checkpoint")
+    p.add_argument("--keep-builds", type=int, default=2,
+                   help="cached builds kept per model; older ones are removed (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -71,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.checkpoint.is_file() and args.compvis_config is None:
         p.error(f"--checkpoint {args.checkpoint} is a file: a CompVis .ckpt needs "
                 "--compvis-config")
+    if args.keep_builds < 1:
+        p.error(f"--keep-builds {args.keep_builds}: must be >= 1")
     if args.checkpoint.is_dir() and not (args.checkpoint / "config.yaml").is_file():
         p.error(f"--checkpoint {args.checkpoint}: no config.yaml (not one of our checkpoints)")
     return args
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             parity_tol=args.parity_tol)
         report = build_repository(args.checkpoint, args.out, options, args.compvis_config,
                                   args.unsafe_allow_pickle, args.work_dir, args.force,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, replace=args.replace,
+                                  keep=args.keep_builds)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             ParityError) as e:
         print(f"build_engines: error: {e}", file=sys.stderr)

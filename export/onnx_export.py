@@ -82,14 +82,18 @@ def export_onnx(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        # torch writes one file per tensor for > 2 GiB models; re-save as model.onnx + one
-        # data file (and in one piece below the threshold), under a temporary name first.
-        proto = onnx.load(str(raw), load_external_data=True)
-        proto.doc_string = f"ldm export: {spec.name}"
-        _name_dims(proto.graph, spec)
+        # torch writes one file per tensor for > 2 GiB models: gather them into one data file
+        # (streamed, never the whole model in memory); below the threshold, one piece.
         staged = Path(tmp) / "out"
         staged.mkdir()
-        if external:
+        proto = onnx.load(str(raw), load_external_data=False)
+        proto.doc_string = f"ldm export: {spec.name}"
+        _name_dims(proto.graph, spec)
+        if _has_external(proto):
+            _gather_external_data(proto, Path(tmp), staged / EXTERNAL_DATA_NAME)
+            onnx.save_model(proto, str(staged / "model.onnx"))
+        elif external:
+            onnx.load_external_data_for_model(proto, str(tmp))
             onnx.save_model(proto, str(staged / "model.onnx"), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
                             size_threshold=1024)
@@ -104,6 +108,37 @@ def export_onnx(
             shutil.move(str(f), target)
     log.info("exported %s -> %s%s", spec.name, path, " (+ external data)" if external else "")
     return path
+
+
+# Tensors start on page boundaries in the data file, so runtimes can map them in place.
+DATA_ALIGNMENT = 4096
+
+
+def _has_external(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _gather_external_data(proto: onnx.ModelProto, src_dir: Path, data_file: Path) -> None:
+    """Append every external tensor's bytes to `data_file` (page-aligned) and point the
+    proto at it; one tensor in memory at a time."""
+    with open(data_file, "wb") as out:
+        for tensor in proto.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            with open(src_dir / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                length = info.get("length")
+                blob = f.read(int(length)) if length is not None else f.read()
+            pad = -out.tell() % DATA_ALIGNMENT
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(blob)
+            del tensor.external_data[:]
+            for key, value in (("location", data_file.name), ("offset", str(offset)),
+                               ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def _name_dims(graph: onnx.GraphProto, spec: ExportSpec) -> None:

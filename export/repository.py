@@ -22,13 +22,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import gc
 import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +38,13 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from export.cache import (
+    DEFAULT_KEEP,
+    TEMP_PREFIX,
+    clean_stale_temps,
+    evict_old_builds,
+    make_temp_dir,
+)
 from export.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
@@ -183,7 +190,7 @@ def replace_dir(new: Path, out: Path) -> None:
         if _exchange(new, out):
             shutil.rmtree(new)  # `new` now holds the old repository
             return
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-old")
         os.replace(out, old)
         os.replace(new, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -196,7 +203,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` that replaces `out` when the block succeeds, and is
     deleted (leaving `out` as it was) when it raises."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         yield tmp
         replace_dir(tmp, out)
@@ -209,6 +216,22 @@ def read_manifest(out: Path) -> dict | None:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+class RepositoryConflict(ValueError):
+    """The repository was built from another checkpoint; rebuilding would replace it."""
+
+
+def check_same_checkpoint(manifest: dict | None, checkpoint: Path, digest: str, out: Path,
+                          replace: bool) -> None:
+    """Refuse to rebuild `out` from a checkpoint other than the one it was built from."""
+    built = (manifest or {}).get("checkpoint") or {}
+    if not built.get("sha256") or built["sha256"] == digest or replace:
+        return
+    raise RepositoryConflict(
+        f"{out} was built from {built.get('path')} (sha256 {built['sha256'][:12]}), not from "
+        f"{checkpoint} (sha256 {digest[:12]}); rebuilding would replace it. Serve it as it is "
+        "(--no-export), pick another --repository, or pass --replace to rebuild it.")
 
 
 def check_out_dir(out: Path) -> None:
@@ -236,9 +259,13 @@ def load_model(checkpoint: Path, compvis_config: Path | None, allow_pickle: bool
 
 
 def use_ema_weights(model, wanted: bool) -> str:
-    """Copy the EMA weights into the UNet when the model has them; returns which are used."""
+    """Point the UNet's parameters at the EMA weights when the model has them (no copy: the
+    weights may be a memory-mapped file); returns which weights are used."""
     if wanted and getattr(model, "use_ema", False):
-        model.model_ema.copy_to(model.model)
+        shadows = dict(model.model_ema.named_buffers())
+        for name, p in model.model.named_parameters():
+            if name in model.model_ema.m_name2s_name:
+                p.data = shadows[model.model_ema.m_name2s_name[name]]
         log.info("exporting the EMA weights (model_ema) of the UNet")
         return "ema"
     if wanted:
@@ -267,12 +294,22 @@ class _Build:
         self.model = None
         self.weights = "training"
         self.report = BuildReport(out, options.triton.backend)
+        self.used: list[Path] = []  # cache entries this build serves (never evicted by it)
 
     def loaded_model(self):
+        """The model for its config, schedule and tokenizer (its weights stay unread)."""
         if self.model is None:
             self.model = load_model(self.checkpoint, self.compvis_config, self.allow_pickle)
             self.weights = use_ema_weights(self.model, self.options.use_ema)
         return self.model
+
+    def fresh_model(self):
+        """A model of its own for one network's export: the checkpoint is memory-mapped, so
+        the pages a network's export reads leave memory with this model (a 1.45 B model's
+        networks are then never resident all at once)."""
+        model = load_model(self.checkpoint, self.compvis_config, self.allow_pickle)
+        self.weights = use_ema_weights(model, self.options.use_ema)
+        return model
 
     def onnx_step(self, name: str, spec: ExportSpec, key: str) -> tuple[Path, dict]:
         """Cached export + parity of one model: (model.onnx, parity report dict)."""
@@ -284,9 +321,9 @@ class _Build:
                 raise ParityError(f"{name}: cached export has max rel {parity['max_rel']:.2e} "
                                   f"> {self.options.parity_tol:g}")
             self.report.reused.append(f"{name}: onnx")
+            self._use(folder)
             return folder / "model.onnx", parity
-        model = self.loaded_model()
-        graph = GRAPHS[name](model)
+        graph = GRAPHS[name](self.fresh_model())
         with _cache_entry(folder) as tmp:
             t0 = time.perf_counter()
             path = export_onnx(graph, spec, tmp / "model.onnx", self.options.opset,
@@ -295,7 +332,10 @@ class _Build:
             parity = check_parity(graph, path, spec, tol=self.options.parity_tol).to_dict()
             parity.update(export_seconds=seconds, weights=self.weights)
             (tmp / "parity.json").write_text(json.dumps(parity, indent=1))
+        del graph
+        gc.collect()  # unmaps the checkpoint pages this network read
         self.report.rebuilt.append(f"{name}: onnx export ({seconds:.1f} s) + parity")
+        self._use(folder)
         return folder / "model.onnx", parity
 
     def ort_step(self, name: str, onnx_path: Path, key: str) -> tuple[Path, str]:
@@ -304,12 +344,19 @@ class _Build:
         level_file = folder / "level.txt"
         if level_file.is_file() and not self.force:
             self.report.reused.append(f"{name}: onnxruntime-optimised graph")
+            self._use(folder)
             return folder / "model.onnx", level_file.read_text().strip()
         with _cache_entry(folder) as tmp:
             level = optimize_for_cpu(onnx_path, tmp / "model.onnx", self.options.ort_level)
             (tmp / "level.txt").write_text(level)
         self.report.rebuilt.append(f"{name}: onnxruntime graph (level {level})")
+        self._use(folder)
         return folder / "model.onnx", level
+
+    def _use(self, entry: Path) -> None:
+        """Mark a cache entry as this build's: newest for eviction, and protected."""
+        os.utime(entry)
+        self.used.append(entry)
 
     def model_artifacts(self, name: str, spec: ExportSpec, onnx_key: str,
                         ort_version: str) -> tuple[Path, dict]:
@@ -343,6 +390,7 @@ class _Build:
             self.report.reused.append(f"{name}: tensorrt engine")
         else:
             self.report.rebuilt.append(f"{name}: tensorrt engine")
+        self._use(path)
         return path
 
 
@@ -351,7 +399,7 @@ def _cache_entry(folder: Path) -> Iterator[Path]:
     """A temporary folder beside `folder` to fill; it replaces `folder` when the block ends
     without error, so a cache entry is whole or absent, never half-written."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp = make_temp_dir(folder.parent, folder.name)
     try:
         yield tmp
         shutil.rmtree(folder, ignore_errors=True)
@@ -369,8 +417,13 @@ def build_repository(
     work_dir: str | Path = "build/export",
     force: bool = False,
     progress: bool = True,
+    replace: bool = False,
+    keep: int = DEFAULT_KEEP,
 ) -> BuildReport:
-    """Build (or reuse) every artifact and write the Triton repository at `out`."""
+    """Build (or reuse) every artifact and write the Triton repository at `out`.
+
+    A repository built from another checkpoint is not replaced unless `replace` is set
+    (RepositoryConflict names both). The cache keeps the newest `keep` builds per model."""
     t_start = time.perf_counter()
     checkpoint, out, work_dir = Path(checkpoint), Path(out), Path(work_dir)
     compvis_config = Path(compvis_config) if compvis_config else None
@@ -378,6 +431,8 @@ def build_repository(
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     check_out_dir(out)
     work_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (work_dir / "onnx", work_dir / "ort", work_dir / "engines", out.parent):
+        clean_stale_temps(folder)
     requested = options.triton.backend
     options, trt_info = _resolve_backend(options)
     build = _Build(checkpoint, out, options, compvis_config, allow_pickle, work_dir, force)
@@ -398,6 +453,7 @@ def build_repository(
         "requested_backend": requested, "tensorrt": trt_info, "versions": versions,
         "code": source_digest(REPOSITORY_SOURCES + _pipeline_sources())})
     old = read_manifest(out)
+    check_same_checkpoint(old, checkpoint, ckpt, out, replace)
     if not force and old and old.get("repo_key") == repo_key and _files_present(out, old):
         report.reused.append("repository")
         report.seconds = time.perf_counter() - t_start
@@ -433,6 +489,9 @@ def build_repository(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     report.rebuilt.append(f"repository {out} ({options.triton.backend})")
+    used = tuple(build.used)
+    for sub in ("onnx", "ort", "engines"):
+        evict_old_builds(work_dir / sub, keep, protect=used)
     report.seconds = time.perf_counter() - t_start
     return report
 

@@ -1,0 +1,96 @@
+"""Hygiene of the export cache (`build/export/{onnx,ort,engines}`) and of staged repositories.
+
+- Every temporary folder is named `.tmp-<pid>-<name>-<random>`, so a later run can tell a
+  folder left by a killed build (its pid is gone) from one a live build is filling, and
+  removes only the former (`clean_stale_temps`).
+- Each model keeps its newest `keep` builds; older ones are removed and logged
+  (`evict_old_builds`). A Triton repository holds hard links to the files it serves, so
+  evicting a cache entry never breaks a built repository.
+- `mkdtemp` makes 0700 folders; they are opened up to what the umask allows, so a Triton
+  that runs as another user can read the repository.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from ldm.pretrained import current_umask
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"
+_TEMP_RE = re.compile(r"^\.tmp-(\d+)-")
+DEFAULT_KEEP = 2
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A new temporary folder in `parent`, named for this process, readable per the umask."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{os.getpid()}-{name}-"))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove temporary folders in `folder` whose creating process is gone; the removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMP_RE.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        size = _size(entry)
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        log.warning("removed %s (%.1f MB) left by an interrupted build (pid %s)", entry,
+                    size / 1e6, m.group(1))
+        removed.append(entry)
+    return removed
+
+
+def evict_old_builds(folder: Path, keep: int = DEFAULT_KEEP,
+                     protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Keep the `keep` newest entries `<model>-<key>` per model in `folder` (and always those
+    in `protect`, the ones this build uses); remove and log the rest."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if not folder.is_dir():
+        return []
+    groups: dict[str, list[Path]] = {}
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") or "-" not in entry.name:
+            continue
+        groups.setdefault(entry.name.rsplit("-", 1)[0], []).append(entry)
+    keep_paths = {p.resolve() for p in protect}
+    removed = []
+    for entries in groups.values():
+        entries.sort(key=lambda p: (p.resolve() in keep_paths, p.stat().st_mtime), reverse=True)
+        for old in entries[keep:]:
+            if old.resolve() in keep_paths:
+                continue
+            size = _size(old)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            log.info("export cache: removed %s (%.1f MB; keeping the newest %d per model)", old,
+                     size / 1e6, keep)
+            removed.append(old)
+    return removed
