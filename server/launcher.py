@@ -1,11 +1,15 @@
 """`python -m server`: export when needed, run Triton and the gateway, keep Triton alive.
 
     python -m server --checkpoint checkpoints/demo/ldm --port 8080
+    python -m server --checkpoint model.ckpt --compvis-config txt2img-1p4B-eval.yaml
 
-1. build the Triton repository from the checkpoint, or reuse it when its manifest says it is up
-   to date (export/build_engines.py, same options, so a repository built beforehand by
-   `python export/build_engines.py --backend B --out R` is reused as is);
-2. start tritonserver and wait until every model is loaded;
+1. build the Triton repository from the checkpoint (ours, or a CompVis release file with
+   --compvis-config), or reuse it when its manifest says it is up to date
+   (export/build_engines.py in a child process, same options, so a repository built
+   beforehand by `python export/build_engines.py --backend B --out R` is reused as is). A
+   repository built from another checkpoint is never replaced unless --replace says so;
+2. start tritonserver and wait until the served models are loaded: the pipeline models,
+   plus the component networks only where the pipeline calls them (or --component-models);
 3. serve the gateway (uvicorn, in a thread of this process) and print the URLs;
 4. watch Triton: when it exits, report its exit code and the end of its log, and start it
    again on the same ports, at most --max-restarts times per --restart-window seconds (then
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -30,6 +36,7 @@ from server.triton import TritonServer
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path("checkpoints/demo/ldm")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Shutdown(Exception):
@@ -111,8 +118,35 @@ class TritonWatchdog:
         return self.server.stop() if self.server is not None else None
 
 
+def resolve_checkpoint(args: argparse.Namespace) -> None:
+    """--checkpoint left out: the repository's own checkpoint when it has a manifest (so a
+    repository built from a user's model is never rebuilt from the demo), else the demo."""
+    if args.checkpoint is not None:
+        return
+    built = (_manifest(args.repository) or {}).get("checkpoint") or {}
+    if built.get("path"):
+        args.checkpoint = Path(built["path"])
+        if args.compvis_config is None and built.get("compvis_config"):
+            args.compvis_config = Path(built["compvis_config"])
+        log.info("serving %s, built from %s", args.repository, args.checkpoint)
+    else:
+        args.checkpoint = DEFAULT_CHECKPOINT
+
+
+def _manifest(repository: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((repository / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_repository(args: argparse.Namespace) -> None:
-    """Build or reuse `args.repository` from `args.checkpoint` (export/build_engines.py)."""
+    """Build or reuse `args.repository` from `args.checkpoint` (export/build_engines.py, in
+    a process of its own: its peak memory, a model's weights and more, is returned to the
+    system before Triton loads, and this process stays small while it serves)."""
+    resolve_checkpoint(args)
     manifest = args.repository / "manifest.json"
     if args.no_export or not args.checkpoint.exists():
         if not manifest.is_file():
@@ -124,13 +158,21 @@ def ensure_repository(args: argparse.Namespace) -> None:
             log.warning("checkpoint %s not found: serving %s as it is", args.checkpoint,
                         args.repository)
         return
-    from export.build_engines import main as build_engines
-
+    if args.checkpoint.is_file() and args.compvis_config is None:
+        raise SystemExit(f"error: --checkpoint {args.checkpoint} is a file: a CompVis "
+                         ".ckpt/.safetensors needs --compvis-config")
     argv = ["--checkpoint", str(args.checkpoint), "--out", str(args.repository),
-            "--backend", args.backend, "--work-dir", str(args.work_dir), "--quiet"]
+            "--backend", args.backend, "--work-dir", str(args.work_dir), "--quiet",
+            "--keep-builds", str(args.keep_builds)]
+    if args.compvis_config is not None:
+        argv += ["--compvis-config", str(args.compvis_config)]
+    argv += ["--unsafe-allow-pickle"] * args.unsafe_allow_pickle + ["--replace"] * args.replace
     print(f"checking the Triton repository {args.repository} against {args.checkpoint} "
           "(exports only what changed)", flush=True)
-    if build_engines(argv) != 0:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    code = subprocess.call([sys.executable, "-m", "export.build_engines", *argv], env=env)
+    if code != 0:
         raise SystemExit(f"error: could not build {args.repository} (see above)")
 
 
@@ -142,11 +184,14 @@ class Launcher:
         self.log_path: Path | None = args.triton_log
 
     def make_triton(self) -> TritonServer:
+        from server.repository import served_models
+
         a = self.args
         server = TritonServer(a.repository, http_port=a.triton_http_port,
                               grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
                               host=a.triton_host, log_path=self.log_path,
-                              tritonserver=a.tritonserver)
+                              tritonserver=a.tritonserver,
+                              models=served_models(a.repository, a.component_models))
         return server
 
     def run(self) -> int:
@@ -200,8 +245,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m server",
         description="Export when needed, run Triton and the HTTP gateway, keep Triton alive.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                   help="our checkpoint folder (default: %(default)s)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="our checkpoint folder, or a CompVis .ckpt/.safetensors with "
+                        "--compvis-config (default: the one --repository was built from, "
+                        f"else {DEFAULT_CHECKPOINT})")
+    p.add_argument("--compvis-config", type=Path,
+                   help="CompVis YAML config of a .ckpt (e.g. txt2img-1p4B-eval.yaml)")
+    p.add_argument("--unsafe-allow-pickle", action="store_true",
+                   help="allow a .ckpt with pickled objects beyond tensors and Lightning's "
+                        "(only for files you trust)")
+    p.add_argument("--replace", action="store_true",
+                   help="rebuild --repository even though it was built from another checkpoint")
+    p.add_argument("--keep-builds", type=int, default=2,
+                   help="export cache: builds kept per model (default 2)")
+    p.add_argument("--component-models", action="store_true",
+                   help="also load text_encoder/unet/vae_decoder/vae_encoder as Triton models "
+                        "(loaded anyway when the pipeline calls them: networks=bls)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="Triton model repository to build or reuse (default: %(default)s)")
     p.add_argument("--backend", default="python",
@@ -227,6 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Triton restarts allowed per --restart-window")
     p.add_argument("--restart-window", type=float, default=600.0, help="seconds")
     args = p.parse_args(argv)
+    if args.compvis_config is not None and not args.compvis_config.is_file():
+        p.error(f"--compvis-config {args.compvis_config}: no such file")
+    if args.keep_builds < 1:
+        p.error(f"--keep-builds {args.keep_builds}: must be >= 1")
     if args.api_keys_file is not None and not args.api_keys_file.is_file():
         p.error(f"--api-keys-file {args.api_keys_file}: no such file")
     return args

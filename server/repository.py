@@ -4,7 +4,10 @@ Called by export/repository.py after it has written `text_encoder`, `unet` and `
 
     write_pipeline_models(repo_dir, model, specs, {"max_batch": 8, ...})
 
-Each pipeline model folder is self-contained:
+`ldm_txt2img_stream` (decoupled) holds the networks and runs the loop; `ldm_txt2img` is a
+thin front that passes each request on to it through BLS and returns the final response, so
+the weights are resident once for both endpoints. Each pipeline model folder is
+self-contained:
 
     ldm_txt2img/config.pbtxt           inputs, outputs, limits as `parameters`
     ldm_txt2img/1/model.py             from server/triton_models/ldm_txt2img/
@@ -60,8 +63,9 @@ EXPORT_OPTIONS: tuple[str, ...] = ("backend", "models", "model_config", "instanc
                                    "instances", "max_batch", "weights")
 PIPELINE_OPTIONS: tuple[str, ...] = (
     "pipeline_models",  # which of PIPELINE_MODELS to write (default both)
-    "pipeline_instances",  # instances of the non-streaming model (default 1: it runs up to
-    # max_concurrent requests in threads; more instances split the cores between them)
+    "pipeline_instances",  # instances of `ldm_txt2img`, the thin front of the streaming
+    # model (default 1; its threads wait on BLS). The streaming model, which holds the
+    # networks, always has one instance: the weights are resident once.
     "limits",  # dict of Limits fields overriding the defaults derived from the specs
     "serving",  # dict of ServingOptions fields; `networks` defaults to onnxruntime when the
     # networks are ONNX Runtime Python-backend models (CPU), else to bls
@@ -187,6 +191,20 @@ def read_pipeline_config(folder: Path) -> tuple[Limits, ServingOptions, int]:
     return Limits.from_parameters(params), ServingOptions.from_parameters(params), instances
 
 
+def served_models(repo: Path, components: bool = False) -> tuple[str, ...]:
+    """The models Triton should load from `repo`: the pipeline models, plus the networks'
+    own models where the pipeline calls them (networks: bls) or `components` asks for them.
+    With `networks: onnxruntime` the pipeline runs the graphs itself, and loading the
+    component models too would hold every weight a second time."""
+    repo = Path(repo)
+    every = tuple(sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()))
+    pipeline = tuple(m for m in PIPELINE_MODELS if m in every)
+    if components or not pipeline:
+        return every
+    _, serving, _ = read_pipeline_config(repo / pipeline[-1])
+    return every if serving.networks == "bls" else pipeline
+
+
 # --- files ---------------------------------------------------------------------------------
 
 def save_tokenizer(model, folder: Path) -> None:
@@ -234,6 +252,9 @@ def write_pipeline_models(repo_dir: Path, model, specs: Mapping, options: Mappin
     bad = [n for n in names if n not in PIPELINE_MODELS]
     if bad:
         raise ValueError(f"unknown pipeline model(s) {bad}; allowed: {list(PIPELINE_MODELS)}")
+    if "ldm_txt2img_stream" not in names:
+        raise ValueError("ldm_txt2img passes its requests to ldm_txt2img_stream (the model "
+                         "that holds the networks): write both")
     backend = options.get("backend", "python")
     info = pipeline_info(model, specs, onnx=backend != "tensorrt")
     limits = default_limits(model, specs, options.get("limits"))
@@ -269,4 +290,4 @@ def write_pipeline_models(repo_dir: Path, model, specs: Mapping, options: Mappin
 
 __all__ = ["PIPELINE_MODELS", "PIPELINE_SOURCES", "default_limits",
            "pipeline_config", "pipeline_info", "read_pipeline_config", "save_tokenizer",
-           "supported_sizes", "write_pipeline_models"]
+           "served_models", "supported_sizes", "write_pipeline_models"]

@@ -182,6 +182,7 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
         log_verbose: int = 0,
         die_with_parent: bool = True,
+        models: tuple[str, ...] | None = None,
     ):
         self.repository = Path(repository).resolve()
         ports = free_ports(3)
@@ -197,6 +198,8 @@ class TritonServer:
         # SIGTERM the server when this process dies (Linux), so a killed test run or launcher
         # leaves no orphan server holding ports and memory.
         self.die_with_parent = die_with_parent
+        # None: every model in the repository; else only these (explicit model control).
+        self.models = tuple(models) if models is not None else None
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
@@ -224,6 +227,9 @@ class TritonServer:
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ]
+        if self.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={m}" for m in self.models]
         if install.backend_dir is not None:
             cmd.append(f"--backend-directory={install.backend_dir}")
         if install.cache_dir is not None:

@@ -117,6 +117,13 @@ def test_launcher_serves_restarts_triton_and_stops_cleanly(launcher):
     url = out.wait_for(r"web UI:\s+(http://\S+)/", proc, timeout=240).group(1)
     assert (repo / "manifest.json").is_file()  # exported from the checkpoint
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    # One resident copy of the networks: the pipeline runs them itself (networks:
+    # onnxruntime), so the component models are in the repository but not loaded.
+    triton_http = re.search(r"http (127\.0\.0\.1:\d+)", out.text()).group(1)
+    index = httpx.post(f"http://{triton_http}/v2/repository/index", timeout=10).json()
+    states = {m["name"]: m.get("state") for m in index}
+    assert states["ldm_txt2img"] == states["ldm_txt2img_stream"] == "READY"
+    assert {states[m] for m in ("unet", "text_encoder", "vae_decoder")} == {None}, states
     r = httpx.post(f"{url}/v1/images/generations", timeout=60,
                    json={"prompt": "a red circle", "n": 2, "steps": 2, "seed": 3})
     assert r.status_code == 200, r.text
@@ -160,3 +167,51 @@ def test_launcher_reports_a_missing_checkpoint(tmp_path):
     assert r.returncode == 2
     assert f"checkpoint {tmp_path / 'none'} not found" in r.stderr
     assert "holds no built repository" in r.stderr
+
+
+def test_launcher_never_replaces_a_repository_built_from_another_checkpoint(
+        served_ldm_dir, tiny_ldm_dir, tmp_path):
+    from export.build_engines import main as build_engines
+
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    assert build_engines(["--checkpoint", str(served_ldm_dir), "--out", str(repo),
+                          "--work-dir", str(work), "--models", "text_encoder", "--quiet"]) == 0
+    before = (repo / "manifest.json").read_text()
+    r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(tiny_ldm_dir),
+                        "--repository", str(repo), "--work-dir", str(work)],
+                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert str(served_ldm_dir) in r.stderr and str(tiny_ldm_dir) in r.stderr
+    assert "--replace" in r.stderr
+    assert (repo / "manifest.json").read_text() == before
+
+
+def test_launcher_without_checkpoint_uses_the_repositorys_own(served_ldm_dir, tmp_path):
+    from export.build_engines import main as build_engines
+    from server.launcher import parse_args, resolve_checkpoint
+
+    repo = tmp_path / "repo"
+    assert build_engines(["--checkpoint", str(served_ldm_dir), "--out", str(repo),
+                          "--work-dir", str(tmp_path / "work"), "--models", "text_encoder",
+                          "--quiet"]) == 0
+    args = parse_args(["--repository", str(repo)])
+    resolve_checkpoint(args)
+    assert args.checkpoint == served_ldm_dir
+    args = parse_args(["--repository", str(tmp_path / "new")])
+    resolve_checkpoint(args)
+    assert args.checkpoint == Path("checkpoints/demo/ldm")
+
+
+def test_launcher_cli_names_bad_values(tmp_path):
+    for argv, message in ((["--compvis-config", str(tmp_path / "none.yaml")],
+                           "--compvis-config"),
+                          (["--keep-builds", "0"], "--keep-builds 0")):
+        r = subprocess.run([sys.executable, "-m", "server", *argv], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(ckpt),
+                        "--repository", str(tmp_path / "repo")], cwd=PROJECT_ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs --compvis-config" in r.stderr, r.stderr

@@ -101,13 +101,33 @@ def test_configs_parse_with_tritons_schema(repo):
 def test_networks_follow_the_backend(model, specs, tmp_path, backend, networks):
     # ONNX Runtime Python-backend models (CPU): the pipeline opens their graphs itself.
     # Triton's own backends (TensorRT engines, onnxruntime_onnx on a GPU): BLS calls.
-    write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS, "backend": backend,
-                                                   "pipeline_models": ["ldm_txt2img"]})
+    write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS, "backend": backend})
     params = {k: v.string_value for k, v in
               read_config(tmp_path / "ldm_txt2img" / "config.pbtxt").parameters.items()}
     assert ServingOptions.from_parameters(params).networks == networks
     info = PipelineInfo.load(tmp_path / "ldm_txt2img" / "1")
     assert (info.unet["onnx"] is None) is (backend == "tensorrt")
+
+
+def test_served_models_leave_out_networks_the_pipeline_runs_itself(model, specs, tmp_path):
+    from server.repository import served_models
+
+    for name in ("text_encoder", "unet", "vae_decoder"):  # stand-ins for exported networks
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\n')
+    write_pipeline_models(tmp_path, model, specs, EXPORT_OPTIONS)  # networks: onnxruntime
+    assert served_models(tmp_path) == ("ldm_txt2img", "ldm_txt2img_stream")
+    assert set(served_models(tmp_path, components=True)) == {
+        "ldm_txt2img", "ldm_txt2img_stream", "text_encoder", "unet", "vae_decoder"}
+    write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS,
+                                                   "serving": {"networks": "bls"}})
+    assert "unet" in served_models(tmp_path)  # BLS calls them: they must be loaded
+
+
+def test_the_front_model_needs_the_streaming_model(model, specs, tmp_path):
+    # ldm_txt2img holds no networks: it passes requests to ldm_txt2img_stream.
+    with pytest.raises(ValueError, match="write both"):
+        write_pipeline_models(tmp_path, model, specs, {"pipeline_models": ["ldm_txt2img"]})
 
 
 def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):

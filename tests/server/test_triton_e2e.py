@@ -151,6 +151,35 @@ def test_cancelled_stream_stops_the_loop(server, client):
     assert client.generate(PROMPT, steps=2).images.shape == (1, 16, 16, 3)
 
 
+def test_cancelled_plain_request_stops_the_loop(server, client):
+    # ldm_txt2img passes requests to ldm_txt2img_stream; a client's cancel must still reach
+    # the loop there (Triton 2.51's BLS cannot cancel: a cancel message does).
+    from server.client import build_inputs
+
+    _, before = unet_counts(server)
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    outcome = []
+    call = raw.async_infer("ldm_txt2img", build_inputs(grpcclient, prompt=PROMPT,
+                                                       num_inference_steps=1000),
+                           callback=lambda result, error: outcome.append(error))
+    t0 = time.monotonic()
+    while unet_counts(server)[1] - before < 3:
+        assert time.monotonic() - t0 < 30, "the request never started"
+        time.sleep(0.05)
+    call.cancel()
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 1.5:
+        _, now = unet_counts(server)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        assert time.monotonic() - t0 < 60, "unet kept running after the cancel"
+        time.sleep(0.1)
+    assert last - before < 200
+    assert outcome and outcome[0] is not None  # the client got its cancellation
+    raw.close()
+    assert client.generate(PROMPT, steps=2).images.shape == (1, 16, 16, 3)
+
+
 def test_concurrent_requests_are_batched_in_unet(server, client):
     exec_before, req_before = unet_counts(server)
     results, errors = [], []
@@ -189,10 +218,10 @@ def test_bls_networks_give_the_same_images(repository, served_model, client, tmp
     from server.repository import write_pipeline_models
 
     repo = tmp_path / "model_repository"
-    shutil.copytree(repository, repo, ignore=shutil.ignore_patterns("ldm_txt2img_stream"))
+    shutil.copytree(repository, repo)
     write_pipeline_models(repo, served_model, build_specs(served_model.config,
                                                           ShapeLimits(max_batch=MAX_BATCH)),
-                          {"pipeline_models": ["ldm_txt2img"], "serving": {"networks": "bls"},
+                          {"serving": {"networks": "bls"},
                            "limits": {"max_steps": 1000, "default_steps": 4}})
     kw = dict(seed=4, steps=5, num_images=2, guidance_scale=5.0)
     with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as bls_server:

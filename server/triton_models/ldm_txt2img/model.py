@@ -1,58 +1,127 @@
 """Triton Python-backend model `ldm_txt2img`: one prompt in, N uint8 images out.
 
-Copied to `<repository>/ldm_txt2img/1/model.py` by `server.repository.write_pipeline_models`,
-beside copies of the modules it imports, the tokenizer and the schedule (server/txt2img.py
-runs the loop).
+A thin front for `ldm_txt2img_stream`, the model that holds the networks: each request goes
+on to it through BLS (decoupled) with the request parameter `progress: none`, and its final
+response comes back as this model's one response (errors keep their status: a bad value is
+still INVALID_ARG). So the text encoder, UNet and VAE decoder are resident once for both
+endpoints (a 1.45 B model is 6 GB of weights), and plain and streaming requests' UNet steps
+meet in one batcher. This process imports no torch and stays small.
 
-`execute` does not wait for the images: it hands each request to a pool of `max_concurrent`
-threads and returns, and each thread answers through the request's response sender (one
-response, flagged final; the Python backend allows this for non-decoupled models). So the
-instance takes new requests while others are mid-loop, and their UNet steps meet: merged in
-this process by `server.batching.CallBatcher` (networks: onnxruntime), or in the `unet`
-model's dynamic batcher (networks: bls). A request that finds every thread busy waits in the
-pool's queue. A bad value fails only its own request, with an INVALID_ARG error that says
-what is allowed.
+Cancellation: the BLS of Triton 2.51 cannot cancel a request it sent, so a watcher thread
+polls the requests in flight, and when a client cancels one it sends `ldm_txt2img_stream` a
+second request with the parameter `cancel: <id>`; that stops the first one before its next
+UNet call, and the client gets its CANCELLED error.
+
+`execute` returns at once; a pool of threads waits on the BLS responses and answers through
+each request's response sender (allowed for non-decoupled models).
 """
+import json
 import sys
+import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # The modules copied beside this file win over any other copy on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
 
-from server import bls  # noqa: E402
-from server.limits import parse_request  # noqa: E402
+from server.limits import InvalidRequest, Limits, parse_request  # noqa: E402 - no torch
 
+TARGET = "ldm_txt2img_stream"
+OUTPUTS = ["images", "warnings", "used_seed"]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _error(message, code=None):
+    value = getattr(pb_utils.TritonError, code, None) if isinstance(code, str) else code
+    return pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message,
+                                                                                      value)
+
+
+def _copy_error(error):
+    """The same error, status included, for this model's client."""
+    code = error.code() if hasattr(error, "code") else None
+    return _error(error.message(), code)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.service, self.limits, options = bls.load_service(args)
-        self.pool = ThreadPoolExecutor(options.max_concurrent, thread_name_prefix="ldm_txt2img")
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # Twice the target's slots: requests waiting here are cheap, and the target queues.
+        # Checked here too, so a bad value is answered without a hop (and as INVALID_ARG).
+        self.limits = Limits.from_parameters(params)
+        workers = 2 * int(params.get("max_concurrent", "8"))
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ldm_txt2img")
         self.closing = False
+        self.inflight: dict[str, object] = {}  # request_id -> the client's request
+        self.stop = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, name="cancel-watcher", daemon=True)
+        self.watcher.start()
 
     def execute(self, requests):
         for request in requests:
             # Copied now: the thread may run after execute() has returned.
-            inputs = {name: a.copy() for name, a in bls.read_inputs(request).items()}
+            inputs = {t.name(): t.as_numpy().copy() for t in request.inputs()}
             self.pool.submit(self.run, request, inputs)
-        return None  # each response goes through its request's sender
+        return None
 
     def run(self, request, inputs):
         sender = request.get_response_sender()
+        if self.closing:
+            sender.send(pb_utils.InferenceResponse(
+                error=_error("the model is being unloaded", "UNAVAILABLE")), flags=FINAL)
+            return
         try:
-            if self.closing:
-                raise bls.Unavailable("the model is being unloaded")
-            req = parse_request(inputs, self.limits)
-            result = self.service.generate(req, is_cancelled=request.is_cancelled)
-            response = pb_utils.InferenceResponse(bls.result_tensors(result))
+            parse_request(inputs, self.limits)
+        except InvalidRequest as e:
+            sender.send(pb_utils.InferenceResponse(error=_error(str(e), "INVALID_ARG")),
+                        flags=FINAL)
+            return
+        request_id = uuid.uuid4().hex
+        tensors = [pb_utils.Tensor(name, array) for name, array in inputs.items()]
+        bls = pb_utils.InferenceRequest(
+            model_name=TARGET, inputs=tensors, requested_output_names=OUTPUTS,
+            parameters={"progress": "none", "request_id": request_id})
+        final = None
+        self.inflight[request_id] = request
+        try:
+            for response in bls.exec(decoupled=True):
+                if response.has_error():
+                    final = pb_utils.InferenceResponse(error=_copy_error(response.error()))
+                elif pb_utils.get_output_tensor_by_name(response, "images") is not None:
+                    final = pb_utils.InferenceResponse(response.output_tensors())
         except Exception as e:  # noqa: BLE001 - becomes this request's error
-            response = pb_utils.InferenceResponse(error=bls.error_for(e))
-        sender.send(response, flags=FINAL)
+            final = pb_utils.InferenceResponse(error=_error(f"internal error: {e}", "INTERNAL"))
+        finally:
+            self.inflight.pop(request_id, None)
+        if final is None:
+            final = pb_utils.InferenceResponse(error=_error(f"{TARGET} sent no images",
+                                                            "INTERNAL"))
+        sender.send(final, flags=FINAL)
+
+    def watch(self):
+        cancelled = set()
+        while not self.stop.wait(0.2):
+            for request_id, request in list(self.inflight.items()):
+                if request_id not in cancelled and request.is_cancelled():
+                    cancelled.add(request_id)
+                    self.cancel(request_id)
+            cancelled &= set(self.inflight)
+
+    def cancel(self, request_id):
+        """Ask the target to stop request `request_id` (see the module docstring)."""
+        prompt = pb_utils.Tensor("prompt", np.array([b""], dtype=np.object_))
+        message = pb_utils.InferenceRequest(model_name=TARGET, inputs=[prompt],
+                                            requested_output_names=OUTPUTS,
+                                            parameters={"cancel": request_id})
+        for _ in message.exec(decoupled=True):
+            pass
 
     def finalize(self):
-        self.closing = True  # queued requests get an error instead of a late image
+        self.closing = True
         self.pool.shutdown(wait=True)
+        self.stop.set()
