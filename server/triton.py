@@ -39,8 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.shm import mapped_regions, remove_unmapped
+
 log = logging.getLogger(__name__)
 
+# An unmapped region younger than this may belong to a server that is just starting.
+STALE_REGION_AGE = 60.0
 CACHE_ENV = "LDM_SERVE_CACHE"
 # The folder holding the `ldm` and `server` packages: Python-backend models import them.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +206,7 @@ class TritonServer:
         self.models = tuple(models) if models is not None else None
         self.process: subprocess.Popen | None = None
         self._log_file = None
+        self.regions: set[Path] = set()  # this server's shared-memory regions (server/shm.py)
 
     @property
     def http_url(self) -> str:
@@ -246,6 +251,7 @@ class TritonServer:
         if self.process is not None:
             raise RuntimeError("server already started")
         install = find_tritonserver(self.tritonserver)
+        remove_unmapped(min_age=STALE_REGION_AGE)  # what crashed servers left in /dev/shm
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
@@ -265,6 +271,7 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self.regions = mapped_regions([self.process.pid])
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -312,6 +319,8 @@ class TritonServer:
         # that was killed or crashed leaves them orphaned, some blocked for good: end them all.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        _wait_group_gone(proc.pid)
+        remove_unmapped(self.regions)  # a killed server cannot remove its own
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -322,6 +331,27 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
+    """Wait until every process of group `pgid` has exited (zombies included: they have
+    released their memory maps, so their shared-memory regions are free)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _live_in_group(pgid):
+        time.sleep(0.05)
+
+
+def _live_in_group(pgid: int) -> bool:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _die_with_parent() -> tuple[list[str], Callable[[], None] | None]:
