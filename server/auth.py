@@ -4,7 +4,8 @@ Keys come from the environment variable `LDM_API_KEYS` (comma-separated) and/or 
 (`--api-keys-file`: one key per line; blank lines and lines starting with `#` are skipped).
 No keys: the API is open. Keys are kept only as SHA-256 digests and a presented key is compared
 with every one of them with `hmac.compare_digest`, so the time taken says nothing about which
-key, or how much of one, matched.
+key, or how much of one, matched. `KeyChecker.refusal` looks at the `Authorization` header only,
+so the gateway decides before it reads a request's body.
 """
 from __future__ import annotations
 
@@ -53,3 +54,24 @@ class KeyChecker:
         for d in self._digests:  # no early exit: every key is compared
             ok |= hmac.compare_digest(digest, d)
         return ok
+
+    def refusal(self, authorization: str | None) -> tuple[str, str] | None:
+        """None when the `Authorization` header value lets the request in, else (code,
+        message): "missing_api_key" or "invalid_api_key"."""
+        if not self.enabled:
+            return None
+        key = bearer_key(authorization)
+        if key is None:
+            return ("missing_api_key",
+                    "missing API key: send the header 'Authorization: Bearer <key>'")
+        if not self.check(key):
+            return "invalid_api_key", "invalid API key"
+        return None
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an 'Authorization: Bearer <key>' header value (as fastapi's HTTPBearer reads
+    it); None when there is none or the scheme is another."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None

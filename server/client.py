@@ -87,7 +87,7 @@ def build_inputs(module, **values) -> list:
     return inputs
 
 
-def _output(result) -> Txt2ImgOutput:
+def output_from_result(result) -> Txt2ImgOutput:
     warnings = result.as_numpy("warnings")
     seed = result.as_numpy("used_seed")
     return Txt2ImgOutput(
@@ -149,7 +149,7 @@ class Txt2ImgClient:
             result = self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
         except Exception as e:  # tritonclient's InferenceServerException
             raise Txt2ImgError.wrap(e) from e
-        return _output(result)
+        return output_from_result(result)
 
     def iter_stream(self, prompt: str, **params) -> Iterator[StreamProgress | Txt2ImgOutput]:
         """StreamProgress per sampler step, then the Txt2ImgOutput.
@@ -176,7 +176,7 @@ class Txt2ImgClient:
                     raise Txt2ImgError.wrap(error)
                 if result.as_numpy("images") is not None:
                     finished = True
-                    yield _output(result)
+                    yield output_from_result(result)
                     return
                 step, total = result.as_numpy("step"), result.as_numpy("total")
                 yield StreamProgress(int(step.reshape(-1)[0]), int(total.reshape(-1)[0]),

@@ -13,62 +13,101 @@ Routes (`create_app(settings)`):
     GET  /readyz                        Triton is ready and both models are loaded (else 503)
     GET  /                              the web page; /docs: OpenAPI (served offline)
 
-Every Triton call is a blocking `server.client.Txt2ImgClient` call made on a thread pool, so
-concurrent HTTP requests reach Triton concurrently and its dynamic batcher merges their UNet
-steps. Errors keep OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: a value
-outside the model's limits is a 400 carrying Triton's message, Triton unreachable a 503, any
-other Triton failure a 502; the gateway itself keeps serving.
+A plain request is one gRPC `async_infer` call to Triton, cancelled when its client
+disconnects; a stream is a blocking `server.client.Txt2ImgClient` stream on a thread pool,
+cancelled the same way. Concurrent HTTP requests reach Triton concurrently and its dynamic
+batcher merges their UNet steps. Every error, the gateway's own (404, 405, unreadable JSON)
+included, keeps OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: a value
+outside the model's limits is a 400 carrying Triton's message, a wrong type or bound a 422,
+Triton unreachable a 503, any other Triton failure a 502; the gateway itself keeps serving.
+
+Before a request's body is read (`RequestGuard`, an ASGI middleware), its API key is checked
+(401), its size (413: by Content-Length, else counted as it arrives) and the time it takes to
+arrive (408). uvicorn gets limits on the request head (size, time) and on idle connections,
+and its access log has the values of key-like query parameters redacted.
+
+This file holds the settings, the routes and the uvicorn thread; the pieces live beside it:
+server/errors.py (the error shape), server/strict_json.py (the JSON parser of request bodies),
+server/http_guard.py (RequestGuard, uvicorn's limits, the access-log filter) and
+server/backend.py (the Triton calls, PNG and SSE bodies). Their public names are exported here
+too.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
-import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import KeyChecker
-from server.client import (
-    StreamProgress,
-    Txt2ImgClient,
-    Txt2ImgError,
-    Txt2ImgOutput,
-    grpc_client,
+from server.backend import (
+    SSE_HEADERS,
+    TritonBackend,
+    png_b64,
+    progress_body,
+    response_body,
+    sse,
+    stream_response,
+    triton_values,
+)
+from server.errors import (
+    HTTP_CODES,
+    MAX_REPORTED_ERRORS,
+    ClientGone,
+    GatewayError,
+    http_error,
+    invalid_argument,
+    printable,
+    triton_error,
+    validation_error,
+)
+from server.http_guard import (
+    KEY_PREFIX,
+    RedactQuerySecrets,
+    RequestGuard,
+    header_timeout_protocol,
+    install_access_log_filter,
+    key_error,
+    redact_query,
+    uvicorn_options,
 )
 from server.limits import INPUTS, InvalidRequest, Limits, parse_request
 from server.schemas import (
-    INPUT_FIELDS,
     ErrorResponse,
     Health,
-    ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
     StreamRequest,
 )
+from server.strict_json import MAX_JSON_DEPTH, StrictJSONRequest, StrictJSONRoute, strict_json
+
+__all__ = [
+    "ERRORS", "HTTP_CODES", "KEY_PREFIX", "MAX_JSON_DEPTH", "MAX_REPORTED_ERRORS", "SSE_HEADERS",
+    "WEB_DIR", "ClientGone", "GatewayError", "GatewaySettings", "GatewayThread",
+    "RedactQuerySecrets", "RequestGuard", "StrictJSONRequest", "StrictJSONRoute",
+    "TritonBackend", "check_request", "create_app", "header_timeout_protocol", "http_error",
+    "install_access_log_filter", "key_error", "main", "parse_args", "png_b64", "printable",
+    "progress_body", "redact_query", "response_body", "sse", "strict_json", "triton_error",
+    "triton_values", "unless_disconnected", "uvicorn_options", "validation_error",
+]
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -81,67 +120,12 @@ class GatewaySettings:
     workers: int = 32  # threads making blocking Triton calls (a stream holds one throughout)
     probe_timeout: float = 2.0  # seconds for readiness and config look-ups
     config_ttl: float = 30.0  # seconds the model's limits are cached
-
-
-class GatewayError(Exception):
-    """An HTTP error with an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, type_: str = "server_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _param_of(message: str) -> str | None:
-    """The request field a Triton message is about ("num_images must be ..." -> "n")."""
-    for name, field in INPUT_FIELDS.items():
-        if re.search(rf"\b{name}\b", message):
-            return field
-    return None
-
-
-def triton_error(e: Exception, url: str) -> GatewayError:
-    """The HTTP error for a failed Triton call (Txt2ImgError or tritonclient's exception)."""
-    if not isinstance(e, Txt2ImgError):
-        e = Txt2ImgError.wrap(e)
-    message, status = str(e), e.status or ""
-    if e.invalid_argument:
-        return GatewayError(400, message, "invalid_request_error", _param_of(message),
-                            "invalid_argument")
-    if status.endswith(("UNAVAILABLE", "NOT_FOUND")) or status in ("503", "404"):
-        return GatewayError(503, f"Triton at {url} is unavailable: {message}",
-                            "service_unavailable", code="triton_unavailable")
-    if status.endswith("DEADLINE_EXCEEDED"):
-        return GatewayError(504, f"Triton did not answer in time: {message}", code="timeout")
-    return GatewayError(502, f"Triton failed: {message}", code="triton_error")
-
-
-def png_b64(image: np.ndarray) -> str:
-    """(H, W, 3) uint8 -> base64 of its PNG file."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def response_body(out: Txt2ImgOutput) -> dict:
-    n, h, w, _ = out.images.shape
-    return ImageGenerationResponse(
-        created=int(time.time()), data=[ImageData(b64_json=png_b64(im)) for im in out.images],
-        seed=out.used_seed, size=f"{w}x{h}", warnings=out.warnings).model_dump()
-
-
-def sse(event: str, data: dict) -> bytes:
-    """One server-sent event (JSON data on a single line)."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    # Slow or oversized requests: a prompt is at most a few kB, so 1 MiB is plenty.
+    max_body_bytes: int = 1 << 20  # a larger body is refused (413) before it is read
+    body_timeout: float = 30.0  # seconds for a request's whole body to arrive (else 408)
+    header_timeout: float = 10.0  # seconds for a request line and headers (else closed)
+    max_header_bytes: int = 16 * 1024  # request line + headers (h11's limit; else 400)
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
 
 
 def check_request(body: ImageGenerationRequest, limits: Limits | None = None) -> None:
@@ -153,126 +137,34 @@ def check_request(body: ImageGenerationRequest, limits: Limits | None = None) ->
                            "invalid_request_error", "response_format", "unsupported_value")
     if limits is None:
         return
-    values = {"prompt": body.prompt}
-    aliases = {"steps": "num_inference_steps"}
-    for k, v in body.triton_params().items():
-        if v is not None:
-            values[aliases.get(k, k)] = v
     arrays = {k: np.array([v], dtype=object if INPUTS[k][0] == "TYPE_STRING" else None)
-              for k, v in values.items()}
+              for k, v in triton_values(body).items()}
     try:
         parse_request(arrays, limits)
     except InvalidRequest as e:
-        raise GatewayError(400, str(e), "invalid_request_error", _param_of(str(e)),
-                           "invalid_argument") from None
+        raise invalid_argument(str(e)) from None
 
 
-_END = object()  # the stream worker is done
+T = TypeVar("T")
 
 
-class TritonBackend:
-    """The blocking Triton calls, and the thread pool they run on."""
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, cancelling it (ClientGone) if the client disconnects first.
 
-    def __init__(self, settings: GatewaySettings):
-        self.settings = settings
-        self.url = settings.triton_url
-        self.client = Txt2ImgClient(settings.triton_url, model=settings.model,
-                                    stream_model=settings.stream_model,
-                                    timeout=settings.timeout)
-        self.probe = grpc_client(settings.triton_url)
-        self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="triton")
-        self._limits: tuple[float, Limits] | None = None
-        self._lock = threading.Lock()
-
-    async def run(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
-        self.probe.close()
-
-    def readiness(self) -> str | None:
-        """None when Triton and both models are ready, else why not."""
-        t = self.settings.probe_timeout
-        try:
-            if not self.probe.is_server_ready(client_timeout=t):
-                return f"Triton at {self.url} is not ready"
-            for m in (self.settings.model, self.settings.stream_model):
-                if not self.probe.is_model_ready(m, client_timeout=t):
-                    return f"model {m} is not loaded"
-        except Exception as e:  # noqa: BLE001 - any failure means "not ready"
-            return f"Triton at {self.url} is unreachable: {Txt2ImgError.wrap(e)}"
-        return None
-
-    def limits(self) -> Limits:
-        """The served model's limits, from its config.pbtxt parameters (cached a while)."""
-        with self._lock:
-            if self._limits is not None and time.monotonic() < self._limits[0]:
-                return self._limits[1]
-        try:
-            cfg = self.probe.get_model_config(self.settings.model, as_json=True,
-                                              client_timeout=self.settings.probe_timeout)
-        except Exception as e:  # noqa: BLE001
-            raise triton_error(e, self.url) from e
-        params = {k: v["string_value"]
-                  for k, v in cfg["config"].get("parameters", {}).items()}
-        limits = Limits.from_parameters(params)
-        with self._lock:
-            self._limits = (time.monotonic() + self.settings.config_ttl, limits)
-        return limits
-
-    def generate(self, body: ImageGenerationRequest) -> dict:
-        t0 = time.perf_counter()
-        try:
-            out = self.client.generate(body.prompt, **body.triton_params())
-        except Txt2ImgError as e:
-            raise triton_error(e, self.url) from e
-        log.info("%d image(s) of %r in %.2f s (seed %d)", len(out.images), body.prompt[:60],
-                 time.perf_counter() - t0, out.used_seed)
-        return response_body(out)
-
-    def stream(self, body: StreamRequest, put: Callable[[object], None],
-               cancelled: threading.Event) -> None:
-        """Run one Triton stream, `put`ting SSE bytes, a GatewayError, then _END.
-
-        Stops (and cancels the Triton request) at the next event once `cancelled` is set.
-        """
-        events = self.client.iter_stream(body.prompt, **body.triton_params())
-        try:
-            for event in events:
-                if cancelled.is_set():
-                    log.info("client went away: stream cancelled")
-                    return
-                if isinstance(event, Txt2ImgOutput):
-                    put(sse("result", response_body(event)))
-                    return
-                put(sse("progress", progress_body(event, body.preview)))
-        except Exception as e:  # noqa: BLE001 - becomes an `error` event
-            put(triton_error(e, self.url))
-        finally:
-            events.close()  # before the end: cancels the request on the server
-            put(_END)
-
-
-def progress_body(event: StreamProgress, preview: bool) -> dict:
-    previews = []
-    if preview and event.preview is not None:
-        previews = [png_b64(p) for p in event.preview]
-    return {"step": event.step, "total": event.total, "previews": previews}
-
-
-async def _sse_stream(first, queue: asyncio.Queue, cancelled: threading.Event):
+    The body is read by then, so the next `receive()` returns only at a disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(request.receive())
     try:
-        item = first
-        while item is not _END:
-            if isinstance(item, GatewayError):
-                yield sse("error", item.body())
-                return
-            yield item
-            item = await queue.get()
-    finally:  # also when the client disconnects (the response task is cancelled)
-        cancelled.set()
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone
+    return task.result()
 
 
 # Module level: with postponed annotations FastAPI resolves `Depends(BEARER)` in the globals.
@@ -280,23 +172,19 @@ BEARER = HTTPBearer(auto_error=False, description="an API key, when the server h
 
 
 def _auth_dependency(checker: KeyChecker):
+    # RequestGuard has decided already (before the body); this documents the scheme in
+    # OpenAPI and keeps a route outside /v1/ that asks for it from being open by mistake.
     async def require_key(
-            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        if not checker.enabled:
-            return
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if creds is None or not creds.credentials:
-            raise GatewayError(401, "missing API key: send the header "
-                               "'Authorization: Bearer <key>'", "authentication_error",
-                               code="missing_api_key", headers=challenge)
-        if not checker.check(creds.credentials):
-            raise GatewayError(401, "invalid API key", "authentication_error",
-                               code="invalid_api_key", headers=challenge)
+            request: Request,
+            _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        error = key_error(checker, request.headers.get("authorization"))
+        if error is not None:
+            raise error
 
     return require_key
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 422, 502, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 422, 502, 503)}
 
 
 def create_app(settings: GatewaySettings = GatewaySettings()) -> FastAPI:
@@ -323,29 +211,60 @@ def create_app(settings: GatewaySettings = GatewaySettings()) -> FastAPI:
         description="Images from text with a latent diffusion model served by Triton. "
                     "OpenAI-style `POST /v1/images/generations`, plus progress events.")
     app.state.settings = settings
+    app.router.route_class = StrictJSONRoute  # before the routes: they are made with it
+    app.add_middleware(RequestGuard, settings=settings)
+    install_access_log_filter()
     require_key = _auth_dependency(KeyChecker(settings.api_keys))
+    _add_exception_handlers(app)
+    _add_image_routes(app, settings, backend, require_key)
+    _add_health_routes(app, backend)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
+
+
+def _add_exception_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, FastAPI's and Starlette's own included."""
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        parts, param = [], None
-        for err in errors:
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-            param = param or (loc[0] if loc else None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-        body = GatewayError(422, "; ".join(parts), "invalid_request_error", param).body()
-        return JSONResponse({**body, "detail": jsonable_encoder(errors)}, status_code=422)
+        return validation_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_error(exc).response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this: uvicorn logs the traceback and closes the connection.
+        return GatewayError(500, "internal error", code="internal_error").response(close=True)
+
+
+def _add_image_routes(app: FastAPI, settings: GatewaySettings,
+                      backend: Callable[[], TritonBackend], require_key: Callable) -> None:
+    """POST /v1/images/generations, its /stream variant and GET /v1/config."""
 
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse,
               responses=ERRORS, dependencies=[Depends(require_key)], tags=["images"])
-    async def generations(body: ImageGenerationRequest) -> dict:
-        """Generate `n` images for `prompt` (PNG, base64)."""
+    async def generations(body: ImageGenerationRequest, request: Request) -> dict:
+        """Generate `n` images for `prompt` (PNG, base64).
+
+        Closing the connection cancels the generation on the server.
+        """
         check_request(body)
-        return await backend().run(backend().generate, body)
+        return await unless_disconnected(request, backend().generate(body))
 
     @app.post("/v1/images/generations/stream", responses={
         **ERRORS, 200: {"content": {"text/event-stream": {}},
@@ -360,24 +279,7 @@ def create_app(settings: GatewaySettings = GatewaySettings()) -> FastAPI:
         """
         be = backend()
         check_request(body, await be.run(be.limits))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone: the gateway is shutting down
-                cancelled.set()
-
-        be.executor.submit(be.stream, body, put, cancelled)
-        first = await queue.get()
-        if isinstance(first, GatewayError):  # nothing sent yet: a plain HTTP error
-            cancelled.set()
-            raise first
-        return StreamingResponse(_sse_stream(first, queue, cancelled),
-                                 media_type="text/event-stream", headers=SSE_HEADERS,
-                                 background=BackgroundTask(cancelled.set))
+        return await stream_response(be, body)
 
     @app.get("/v1/config", dependencies=[Depends(require_key)], tags=["images"],
              responses=ERRORS)
@@ -385,6 +287,10 @@ def create_app(settings: GatewaySettings = GatewaySettings()) -> FastAPI:
         """The served model's limits: sizes, steps, images per request, samplers, defaults."""
         limits = await backend().run(backend().limits)
         return {"model": settings.model, "limits": asdict(limits)}
+
+
+def _add_health_routes(app: FastAPI, backend: Callable[[], TritonBackend]) -> None:
+    """GET /healthz (this process) and /readyz (Triton and both models)."""
 
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
              tags=["health"])
@@ -401,13 +307,6 @@ def create_app(settings: GatewaySettings = GatewaySettings()) -> FastAPI:
             return JSONResponse({"status": "unavailable", "detail": reason}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
-    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-    return app
-
 
 class GatewayThread:
     """uvicorn serving `app` from a daemon thread; signals stay with the main thread."""
@@ -417,8 +316,10 @@ class GatewayThread:
         import uvicorn
 
         self.host, self.port = host, port
+        settings = getattr(app.state, "settings", GatewaySettings())
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                log_config=None, timeout_graceful_shutdown=graceful_timeout)
+                                log_config=None, timeout_graceful_shutdown=graceful_timeout,
+                                **uvicorn_options(settings))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
 
@@ -471,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = GatewaySettings(triton_url=args.triton_url, timeout=args.timeout,
                                api_keys=load_api_keys(args.api_keys_file))
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
+                **uvicorn_options(settings))
     return 0
 
 

@@ -3,8 +3,9 @@
 `POST /v1/images/generations` takes OpenAI's fields (`prompt`, `n`, `size` "WxH",
 `response_format`), plus ours (`negative_prompt`, `steps`, `guidance_scale`, `seed`,
 `sampler`). Fields left out get the served model's defaults, decided by Triton. Pydantic checks
-types and obvious bounds here; the model's own limits (allowed sizes, max steps, max images,
-samplers) are checked by the Triton model, whose message comes back with status 400.
+types (strictly: `"2"` or `true` is not a number) and obvious bounds here; the model's own
+limits (allowed sizes, max steps, max images, samplers) are checked by the Triton model, whose
+message comes back with status 400.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.limits import MAX_SEED
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+# ASCII only: `\d` alone would take "٢٥٦x٢٥٦" (Arabic-Indic digits), which int() reads as 256.
+_SIZE = re.compile(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*", re.ASCII)
 # Triton's input names -> the request field a message about them refers to.
 INPUT_FIELDS: dict[str, str] = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
@@ -26,7 +28,7 @@ INPUT_FIELDS: dict[str, str] = {
 
 def parse_size(size: str) -> tuple[int, int]:
     """"WIDTHxHEIGHT" -> (width, height) in pixels; ValueError with a message otherwise."""
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise ValueError(f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '256x256'; got {size!r}")
     return int(m.group(1)), int(m.group(2))
@@ -35,8 +37,10 @@ def parse_size(size: str) -> tuple[int, int]:
 class ImageGenerationRequest(BaseModel):
     """Body of `POST /v1/images/generations`."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "prompt": "a red circle in the top left", "n": 2, "size": "64x64",
+    # strict: JSON types as declared, no "2" -> 2 or true -> 1. The example's size is the one
+    # the demo model (checkpoints/demo/ldm: latent 8 x f=4) serves.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{
+        "prompt": "a red circle in the top left", "n": 2, "size": "32x32",
         "steps": 25, "guidance_scale": 5.0, "seed": 1, "sampler": "ddim"}]})
 
     prompt: str = Field(min_length=1, description="the text to draw")

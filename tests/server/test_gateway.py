@@ -179,8 +179,11 @@ def test_bad_input_gets_4xx_with_a_message(http, fields, status, message, param)
 def test_missing_prompt_and_bad_json(http):
     r = http.post(GEN, json={"n": 1})
     assert r.status_code == 422 and "prompt: Field required" in r.json()["error"]["message"]
+    assert set(r.json()) == {"error"}  # no pydantic `detail` echoing the input
     r = http.post(GEN, content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["message"]
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    assert r.json()["error"]["message"].startswith("the body is not valid JSON: ")
+    assert r.json()["error"]["code"] == "invalid_json"
 
 
 def test_prompt_truncation_is_reported(http, gateway):
