@@ -5,12 +5,15 @@ Triton's dynamic batcher hands the Python backend a *list* of requests per `exec
 them one by one would waste the batch, so `OnnxBatchModel.run_requests`:
 
 1. validates each request on its own (input names, dtypes, ranks, static dims, one batch size
-   per request): a bad request gets its own error, the others still run;
+   per request, each dynamic axis within the exported profile and integer values within
+   their range, e.g. token ids within the vocabulary): a bad request gets its own error
+   (INVALID_ARG, saying what is allowed), the others still run, and no request can take the
+   model past the shapes it was built for (nor its memory with it);
 2. groups the valid requests by their non-batch shapes (requests at different resolutions
    cannot share a tensor) and concatenates each group along the batch axis;
 3. runs one ONNX Runtime call per group and splits the outputs back, one result per request;
-4. if a merged run fails (e.g. one request's token id is out of range), re-runs that group's
-   requests one at a time so the error lands only on the request that caused it.
+4. if a merged run fails anyway, re-runs that group's requests one at a time so the error
+   lands only on the request that caused it (an internal error: validation passed).
 
 Pure numpy + onnxruntime: importable and tested without Triton. `model.py` is a thin wrapper.
 The repository's version folder gets a copy of this file and `export/ort.py`, so the Triton
@@ -40,6 +43,10 @@ class RequestError(ValueError):
     """A request that cannot run; its message goes back to that request's client."""
 
 
+class InferenceError(RuntimeError):
+    """A valid request that ONNX Runtime failed to run: ours, not the client's."""
+
+
 def instance_count(model_config: dict) -> int:
     """Instances of a model, from its config (the JSON Triton hands `initialize`)."""
     return sum(int(g.get("count", 1)) for g in model_config.get("instance_group", [])) or 1
@@ -54,10 +61,15 @@ def threads_for(parameter: str | int | None, instances: int) -> int:
 class OnnxBatchModel:
     """One ONNX model; runs lists of requests as few merged batches as their shapes allow."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 limits: Mapping | None = None):
         self.session = make_session(path, threads)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # ExportSpec.serving_limits(): {"axes": {name: [min, max]}, "values": {input: [lo, hi)}}
+        limits = limits or {}
+        self.axes = {k: tuple(v) for k, v in limits.get("axes", {}).items()}
+        self.values = {k: tuple(v) for k, v in limits.get("values", {}).items()}
 
     def _validate(self, request: Request) -> dict[str, np.ndarray]:
         """The request's arrays fitted to the graph's ranks; RequestError if they cannot be."""
@@ -81,8 +93,8 @@ class OnnxBatchModel:
                 raise RequestError(f"{name}: shape {a.shape}, expected rank {rank} "
                                    f"{list(meta.shape)}")
             for axis, (have, dim) in enumerate(zip(a.shape, meta.shape, strict=True)):
-                if isinstance(dim, int) and have != dim:
-                    raise RequestError(f"{name}: size {have} on axis {axis}, expected {dim}")
+                self._check_axis(name, axis, have, dim)
+            self._check_values(name, a)
             if batch is None:
                 batch = a.shape[0]
             elif a.shape[0] != batch:
@@ -92,6 +104,23 @@ class OnnxBatchModel:
         if not batch:
             raise RequestError("empty batch")
         return arrays
+
+    def _check_axis(self, name: str, axis: int, have: int, dim) -> None:
+        if isinstance(dim, int) and have != dim:
+            raise RequestError(f"{name}: size {have} on axis {axis}, expected {dim}")
+        if isinstance(dim, str) and dim in self.axes:
+            lo, hi = self.axes[dim]
+            if not lo <= have <= hi:
+                raise RequestError(f"{name}: {dim} {have} on axis {axis} is outside what the "
+                                   f"model was built for: {lo}..{hi}")
+
+    def _check_values(self, name: str, a: np.ndarray) -> None:
+        if name not in self.values or a.size == 0:
+            return
+        lo, hi = self.values[name]
+        if a.min() < lo or a.max() >= hi:
+            bad = a[(a < lo) | (a >= hi)].reshape(-1)[0]
+            raise RequestError(f"{name}: value {bad} is outside [{lo}, {hi - 1}]")
 
     def _run(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, dict(arrays))
@@ -120,7 +149,8 @@ class OnnxBatchModel:
             try:
                 results[i] = self._run(arrays)
             except Exception as e:  # noqa: BLE001 - reported on this request's response
-                results[i] = RequestError(f"inference failed: {e}")
+                log.exception("inference failed")
+                results[i] = InferenceError(f"inference failed: {type(e).__name__}")
             return
         merged = {name: np.concatenate([a[name] for _, a in members])
                   for name in members[0][1]}

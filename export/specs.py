@@ -50,6 +50,9 @@ class ExportSpec:
     # Triton merges concurrent requests into one execution (the UNet: denoising steps of
     # different requests). Every tensor's leading axis is "batch".
     dynamic_batching: bool = False
+    # Per integer input: the values it may hold, [low, high) (token ids within the
+    # vocabulary, timesteps within the schedule). Served models refuse others.
+    value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def max_batch_size(self) -> int:
@@ -65,6 +68,12 @@ class ExportSpec:
             if dyn:
                 axes[t.name] = dyn
         return axes
+
+    def serving_limits(self) -> dict:
+        """What a served model accepts beyond names and dtypes: {"axes": {axis: [min, max]},
+        "values": {input: [low, high)}}; written into the Python-backend model's config."""
+        return {"axes": {axis: [lo, hi] for axis, (lo, _, hi) in self.profile.items()},
+                "values": {k: list(v) for k, v in self.value_ranges.items()}}
 
     def concrete_shape(self, tensor: TensorSpec, which: int = 1, **override: int) -> tuple:
         """The shape of `tensor` at profile point `which` (0 min, 1 opt, 2 max)."""
@@ -83,8 +92,9 @@ class ExportSpec:
         for t in self.inputs:
             shape = self.concrete_shape(t, which, **override)
             if t.dtype == "int64":
-                high = 77 if t.name == "input_ids" else 1000
-                out[t.name] = torch.randint(0, high, shape, generator=generator)
+                low, high = self.value_ranges.get(t.name, (0, 1000))
+                out[t.name] = torch.randint(low, min(high, low + 1000), shape,
+                                            generator=generator)
             else:
                 out[t.name] = torch.randn(shape, generator=generator)
         return out
@@ -117,6 +127,7 @@ def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str
             (TensorSpec("input_ids", "int64", ("batch", seq)),),
             (TensorSpec("context", f32, ("batch", seq, dim)),),
             {"batch": batch},
+            value_ranges={"input_ids": (0, cfg.cond_stage.vocab_size)},
         ),
         "unet": ExportSpec(
             "unet",
@@ -126,6 +137,7 @@ def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str
             (TensorSpec("noise_pred", f32, ("batch", cfg.unet.out_channels, "height", "width")),),
             {"batch": unet_batch, "height": lat, "width": lat},
             dynamic_batching=True,
+            value_ranges={"timestep": (0, cfg.diffusion.timesteps)},
         ),
         "vae_decoder": ExportSpec(
             "vae_decoder",

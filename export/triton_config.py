@@ -18,6 +18,7 @@ binary of the `nvidia-pytriton` wheel).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -83,8 +84,14 @@ def _tensor_block(tensor: TensorSpec, batched: bool) -> str:
     return "  {\n" + "\n".join(lines) + "\n  }"
 
 
+def _quote(value: str) -> str:
+    """A protobuf text-format string literal (quotes and backslashes escaped)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _parameters(params: dict[str, str]) -> str:
-    items = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()]
+    items = [f'  {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}'
+             for k, v in params.items()]
     return "parameters [\n" + ",\n".join(items) + "\n]"
 
 
@@ -110,7 +117,9 @@ def model_config(spec: ExportSpec, options: TritonOptions) -> str:
     if options.instance_kind == "KIND_CPU":
         threads = str(options.threads)  # "0": decided at load from the cores there
         if options.backend == "python":
-            parts.append(_parameters({"intra_op_threads": threads}))
+            # The model validates requests against the spec's ranges (export/python_backend.py).
+            parts.append(_parameters({"intra_op_threads": threads,
+                                      "limits": json.dumps(spec.serving_limits())}))
         else:  # onnxruntime_backend's names; execution_mode 0 = sequential
             parts.append(_parameters({"intra_op_thread_count": threads,
                                       "inter_op_thread_count": "1",

@@ -3,7 +3,8 @@
 Copied to `<repository>/<model>/1/model.py` by export/build_engines.py, next to `model.onnx`
 and a copy of the `export` modules it imports. All requests of one `execute()` call run as
 merged batches; each request gets its own response, and its own error if it fails
-(see export/python_backend.py).
+(see export/python_backend.py): INVALID_ARG with what is allowed for a request outside the
+export spec's shapes and value ranges (the `limits` parameter), INTERNAL otherwise.
 """
 import json
 import sys
@@ -15,7 +16,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
 
-from export.python_backend import OnnxBatchModel, instance_count, threads_for  # noqa: E402
+from export.python_backend import (  # noqa: E402
+    OnnxBatchModel,
+    RequestError,
+    instance_count,
+    threads_for,
+)
+
+
+def _error(message: str, code: str):
+    value = getattr(pb_utils.TritonError, code, None)  # older backends: message only
+    return pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message,
+                                                                                      value)
 
 
 class TritonPythonModel:
@@ -24,7 +36,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         threads = threads_for(params.get("intra_op_threads"), instance_count(config))
-        self.model = OnnxBatchModel(path, threads)
+        self.model = OnnxBatchModel(path, threads, json.loads(params.get("limits", "{}")))
         self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
@@ -32,8 +44,9 @@ class TritonPythonModel:
         responses = []
         for result in self.model.run_requests(arrays):
             if isinstance(result, Exception):
-                error = pb_utils.TritonError(f"{type(result).__name__}: {result}")
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                code = "INVALID_ARG" if isinstance(result, RequestError) else "INTERNAL"
+                responses.append(pb_utils.InferenceResponse(output_tensors=[],
+                                                            error=_error(str(result), code)))
             else:
                 tensors = [pb_utils.Tensor(n, np.ascontiguousarray(result[n]))
                            for n in self.outputs]

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from export.python_backend import OnnxBatchModel, RequestError, instance_count, threads_for
+from export.python_backend import (
+    InferenceError,
+    OnnxBatchModel,
+    RequestError,
+    instance_count,
+    threads_for,
+)
 from export.specs import GRAPHS
 
 
@@ -89,12 +95,41 @@ def test_a_failing_merged_run_is_retried_per_request(tiny_model, tiny_onnx):
     model = CountingModel(tiny_onnx["text_encoder"])
     results = model.run_requests([{"input_ids": x} for x in ids])
     assert model.calls == [4, 1, 2, 1]  # merged, then one by one
-    assert isinstance(results[1], RequestError) and "inference failed" in str(results[1])
+    # Without limits nothing catches it before ONNX Runtime: an internal error, no raw text.
+    assert isinstance(results[1], InferenceError) and str(results[1]) == (
+        "inference failed: InvalidArgument")
     encoder = GRAPHS["text_encoder"](tiny_model)
     for i in (0, 2):
         with torch.no_grad():
             expected = encoder(torch.from_numpy(ids[i])).numpy()
         assert np.abs(results[i]["context"] - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_requests_outside_the_spec_are_refused_before_onnx_runtime(tiny_model, tiny_onnx):
+    from export.specs import build_specs
+
+    specs = build_specs(tiny_model.config)
+    unet = OnnxBatchModel(tiny_onnx["unet"], 1, specs["unet"].serving_limits())
+    rng = np.random.default_rng(5)
+    lo, _, hi = specs["unet"].profile["height"]
+    big = unet_request(rng, 1, size=hi * 16)
+    late = unet_request(rng, 1)
+    late["timestep"][0] = 1000
+    fine = unet_request(rng, 2)
+    results = unet.run_requests([big, late, fine])
+    assert isinstance(results[0], RequestError)
+    assert f"height {hi * 16} on axis 2 is outside what the model was built for: {lo}..{hi}" \
+        in str(results[0])
+    assert "timestep: value 1000 is outside [0, 999]" in str(results[1])
+    assert results[2]["noise_pred"].shape == (2, 4, 4, 4)
+    text = OnnxBatchModel(tiny_onnx["text_encoder"], 1,
+                          specs["text_encoder"].serving_limits())
+    for bad, shown in ((30522, "30522"), (-1, "-1"), (2**62, str(2**62))):
+        ids = rng.integers(0, 30522, (1, 77)).astype(np.int64)
+        ids[0, 7] = bad
+        (result,) = text.run_requests([{"input_ids": ids}])
+        assert isinstance(result, RequestError)
+        assert f"input_ids: value {shown} is outside [0, 30521]" in str(result)
 
 
 def test_instance_count_sums_the_groups():

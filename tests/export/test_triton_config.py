@@ -1,6 +1,8 @@
 """config.pbtxt generation, validated by Triton's own protobuf schema (ModelConfig)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -60,7 +62,11 @@ def test_other_models_are_not_dynamically_batched(tiny_specs, name):
 def test_thread_parameters_per_backend(tiny_specs):
     spec = tiny_specs["unet"]
     python = parse(model_config(spec, TritonOptions("python", threads=4, instances=2)))
-    assert {k: v.string_value for k, v in python.parameters.items()} == {"intra_op_threads": "4"}
+    params = {k: v.string_value for k, v in python.parameters.items()}
+    assert params.pop("intra_op_threads") == "4"
+    # The spec's ranges travel as JSON, escaped for the text format and parsed back intact.
+    assert json.loads(params.pop("limits")) == spec.serving_limits()
+    assert params == {}
     assert python.instance_group[0].count == 2
     onnx = parse(model_config(spec, TritonOptions("onnxruntime")))
     assert {k: v.string_value for k, v in onnx.parameters.items()} == {

@@ -86,9 +86,17 @@ def test_text_encoder_result_and_per_request_error(server, tiny_model):
     try:
         context = client.infer("text_encoder", [_input("input_ids", ids)]).as_numpy("context")
         bad = ids.copy()
-        bad[0, 3] = 10**6  # beyond the vocabulary: ONNX Runtime's Gather fails
-        with pytest.raises(InferenceServerException, match="inference failed"):
+        bad[0, 3] = 10**6  # beyond the vocabulary: refused before ONNX Runtime sees it
+        with pytest.raises(InferenceServerException,
+                           match=r"input_ids: value 1000000 is outside \[0, 30521\]") as e:
             client.infer("text_encoder", [_input("input_ids", bad)])
+        assert e.value.status() == "400"  # INVALID_ARG, not INTERNAL
+        big = {"latent": np.zeros((1, 4, 128, 128), np.float32),
+               "timestep": np.zeros((1, 1), np.int64),
+               "context": np.zeros((1, 77, 32), np.float32)}
+        with pytest.raises(InferenceServerException, match="height 128 .* outside") as e:
+            client.infer("unet", [_input(k, v) for k, v in big.items()])
+        assert e.value.status() == "400"
         # The server is fine afterwards.
         again = client.infer("text_encoder", [_input("input_ids", ids)]).as_numpy("context")
     finally:
