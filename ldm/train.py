@@ -32,14 +32,28 @@ log = logging.getLogger("ldm.train")
 STAGES = {"autoencoder": AutoencoderTrainConfig, "ldm": LDMTrainConfig}
 
 
-def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
+    """Training and validation sets; validation is None when nothing is held out.
+
+    `data.val_length=0` turns validation off. `shapes` draws `val_length` fresh items (seed + 1).
+    `imagefolder` holds out its last `min(val_length, len // 10)` images, so at least 9 in 10
+    images always train: a folder of fewer than 10 images trains on all of them without
+    validation, and the log says so (set `data.val_length=0` to say that on purpose).
+    """
+    if cfg.val_length < 0:
+        raise ConfigError(f"data.val_length={cfg.val_length} must be >= 0 (0 = no validation)")
     if cfg.name == "shapes":
         return (ShapesDataset(cfg.size, cfg.length, cfg.seed),
-                ShapesDataset(cfg.size, cfg.val_length, cfg.seed + 1))
+                ShapesDataset(cfg.size, cfg.val_length, cfg.seed + 1) if cfg.val_length else None)
     if cfg.root is None:
         raise ConfigError("data.root is required for data.name=imagefolder")
     full = ImageFolderDataset(cfg.root, cfg.size)
     n_val = min(cfg.val_length, len(full) // 10)
+    if n_val < cfg.val_length:
+        log.log(logging.WARNING if n_val == 0 else logging.INFO,
+                "imagefolder: %d images; holding out %d for validation instead of "
+                "data.val_length=%d (at most 1 in 10)%s", len(full), n_val, cfg.val_length,
+                "; validation is off" if n_val == 0 else "")
     return (Subset(full, range(len(full) - n_val)),
             Subset(full, range(len(full) - n_val, len(full))) if n_val else None)
 
@@ -50,10 +64,14 @@ def load_config(stage: str, path: str | None, overrides: list[str]):
     return apply_overrides(cfg, overrides)
 
 
-def autoencoder_task(cfg: AutoencoderTrainConfig, val_set, init_from: str | None):
+def autoencoder_task(cfg: AutoencoderTrainConfig, train_set: Dataset, val_set: Dataset | None,
+                     init_from: str | None):
     from ldm.training.autoencoder_task import AutoencoderTask
 
-    val_images = collate([val_set[i] for i in range(min(8, len(val_set)))])["image"]
+    # The sample grid shows reconstructions of held-out images, or of training images when
+    # validation is off (they still show how the autoencoder is doing, just not generalisation).
+    shown = val_set if val_set is not None else train_set
+    val_images = collate([shown[i] for i in range(min(8, len(shown)))])["image"]
     task = AutoencoderTask(cfg.model, val_images, cfg.freeze_encoder)
     if init_from:
         from ldm.pretrained import load_pretrained
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.train.seed)
         train_set, val_set = build_datasets(cfg.data)
         if args.stage == "autoencoder":
-            task = autoencoder_task(cfg, val_set, args.init_from)
+            task = autoencoder_task(cfg, train_set, val_set, args.init_from)
         else:
             task, cfg = ldm_task(cfg, train_set, args.init_from, args.compvis_config)
         trainer = Trainer(task, cfg.train, cfg.optim, cfg.data.seed, train_set, val_set,

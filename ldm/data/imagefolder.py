@@ -2,12 +2,16 @@
 
 This is the Hugging Face imagefolder convention. Images are resized (shorter side) and
 center-cropped to `size`. Missing or unreadable files are reported by name and skipped,
-never fatal mid-run.
+never fatal mid-run; so are entries whose `file_name` is absolute or climbs out of the folder
+with `..` (a metadata file must not make training read `/etc/passwd`). Symbolic links inside
+the folder are followed: whoever put them there chose their targets (the Hugging Face cache,
+for one, links snapshot files to blobs outside the snapshot folder).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,17 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
+def inside(root: Path, name: str) -> Path | None:
+    """`root / name`, or None when `name` is absolute or its `..` parts leave `root`."""
+    rel = Path(os.path.normpath(name))  # lexical: "a/../b.png" -> "b.png", "a/../../x" -> "../x"
+    if rel.is_absolute() or rel.drive or rel.parts[:1] == ("..",):
+        return None
+    return root / rel
+
+
 def read_metadata(root: Path) -> list[tuple[Path, str]]:
-    """Parse metadata.jsonl; bad lines and missing files are logged by name and skipped."""
+    """Parse metadata.jsonl; bad lines, files outside `root` and missing files are logged by
+    name and line and skipped."""
     meta = root / "metadata.jsonl"
     if not meta.is_file():
         raise DataError(
@@ -49,10 +62,16 @@ def read_metadata(root: Path) -> list[tuple[Path, str]]:
         try:
             row = json.loads(line)
             name, text = row["file_name"], row["text"]
+            if not isinstance(name, str):
+                raise TypeError(f"file_name must be a string, got {name!r}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             log.warning("imagefolder: %s line %d skipped: %s", meta, lineno, e)
             continue
-        path = root / name
+        path = inside(root, name)
+        if path is None:
+            log.warning("imagefolder: %s line %d skipped: file_name %r is outside %s",
+                        meta, lineno, name, root)
+            continue
         if not path.is_file():
             log.warning("imagefolder: %s (line %d) is missing; skipped", path, lineno)
             continue

@@ -14,7 +14,9 @@ class DataConfig:
     root: str | None = None  # imagefolder: folder holding metadata.jsonl
     length: int = 1_000_000  # shapes: items per epoch
     seed: int = 0
-    val_length: int = 256  # shapes: held-out items (seed + 1); imagefolder: last items
+    # Validation items, 0 = no validation. shapes: fresh items (seed + 1); imagefolder: the last
+    # min(val_length, len // 10) images, so a folder of < 10 images has no validation.
+    val_length: int = 256
     num_workers: int = 0
 
 

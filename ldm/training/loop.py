@@ -5,6 +5,10 @@ mechanics: AdamW with warm-up and a schedule, gradient accumulation and clipping
 autocast, data-parallel gradient all-reduce, a progress bar, JSONL metrics, periodic
 validation, sample grids, atomic checkpoints, exact `--resume`, and a clean stop on
 Ctrl-C / SIGTERM (finish the step, save, exit).
+
+`metrics.jsonl` reads as one run across resumes: `--resume` drops the lines logged after the
+checkpoint's step (a crash or `kill -9` loses those steps, which are then trained again), and
+`time` counts on from the wall time the checkpoint had trained for.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from tqdm import tqdm
 from ldm.config import ConfigError
 from ldm.data.imagefolder import collate
 from ldm.training import randomness
-from ldm.training.checkpoint import atomic_save, load_state
+from ldm.training.checkpoint import atomic_save, atomic_write, load_state
 from ldm.training.config import LoopConfig, OptimConfig
 
 log = logging.getLogger(__name__)
@@ -147,6 +151,9 @@ class Trainer:
             for o in self.optimizers
         ]
         self.step = 0
+        self.elapsed = 0.0  # training wall time (s) before this invocation, from the checkpoint
+        self._t0: float | None = None  # time.time() that the `time` metric counts from
+        self.resumed = False
 
     # --- checkpoints -------------------------------------------------------------------
     @property
@@ -163,6 +170,7 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "torch_rng": torch.get_rng_state(),
             "extra": self.task.extra_state(),
+            "elapsed": time.time() - self._t0 if self._t0 is not None else self.elapsed,
         }
         atomic_save(state, self.ckpt_path)
         self.task.save_model(self.out / "model")
@@ -180,7 +188,40 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.task.load_extra_state(state["extra"])
         self.step = state["step"]
+        self.resumed = True
+        kept = self._truncate_metrics() if self.rank == 0 else []
+        # Checkpoints from before "elapsed" was saved: the last kept `time` is the best guess.
+        self.elapsed = float(state.get("elapsed", max(
+            (r["time"] for r in kept if isinstance(r.get("time"), (int, float))), default=0.0)))
         log.info("resumed from %s at step %d", self.ckpt_path, self.step)
+
+    def _truncate_metrics(self) -> list[dict]:
+        """Drop metrics lines after the checkpoint's step (atomically); returns those kept.
+
+        They were logged by the run that died after its last checkpoint; the resumed run logs
+        those steps again, so keeping them would repeat steps. A torn last line (a crash
+        mid-write) is dropped too.
+        """
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        kept, lines, dropped = [], [], 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                dropped += 1
+                continue
+            if step > self.step:
+                dropped += 1
+                continue
+            kept.append(record)
+            lines.append(line + "\n")
+        if dropped:
+            atomic_write(path, lambda f: f.write("".join(lines).encode()))
+            log.info("metrics.jsonl: dropped %d lines logged after step %d", dropped, self.step)
+        return kept
 
     # --- one step ----------------------------------------------------------------------
     def _train_step(self, batch: dict) -> dict[str, float]:
@@ -269,7 +310,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return None
-        return SummaryWriter(str(self.out / "tensorboard"))
+        # As metrics.jsonl: events after the checkpoint's step are from the run that died.
+        return SummaryWriter(str(self.out / "tensorboard"),
+                             purge_step=self.step + 1 if self.resumed else None)
 
     # --- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
@@ -287,6 +330,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=self.rank != 0,
                    dynamic_ncols=True, desc="train")
         t0, saved_at, first = time.time(), self.step, self.step
+        self._t0 = t0 - self.elapsed
         self.task.model.train()
         try:
             for batch in loader:
@@ -295,7 +339,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "loss" in k[-9:]})
                 if self.step % self.cfg.log_every == 0:
-                    self._log({"step": self.step, "time": time.time() - t0, **logs})
+                    self._log({"step": self.step, "time": time.time() - self._t0, **logs})
                 if self.step % self.cfg.val_every == 0:
                     self._validate()
                 if self.step % self.cfg.sample_every == 0:
