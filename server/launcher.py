@@ -11,10 +11,10 @@
 2. start tritonserver and wait until the served models are loaded: the pipeline models,
    plus the component networks only where the pipeline calls them (or --component-models);
 3. serve the gateway (uvicorn, in a thread of this process) and print the URLs;
-4. watch Triton: when it exits, report its exit code and the end of its log, and start it
-   again on the same ports, at most --max-restarts times per --restart-window seconds (then
-   give up, stop and exit 1). Meanwhile the gateway answers /readyz with 503 and requests
-   with 503, instead of hanging;
+4. watch Triton: when it exits, or a model's stub process dies (checked every 0.5 s), report
+   it and start Triton again on the same ports, at most --max-restarts times per
+   --restart-window seconds (then give up, stop and exit 1). Meanwhile the gateway answers
+   /readyz with 503 and requests with 503, instead of hanging;
 5. on Ctrl-C or SIGTERM stop the gateway (in-flight requests get a few seconds), then Triton
    (which drains its own), and exit 0.
 """
@@ -47,8 +47,10 @@ class TritonWatchdog:
     """Starts Triton, then restarts it from a watchdog thread whenever it exits.
 
     `make()` returns a fresh (unstarted) TritonServer on the same ports. The watchdog thread
-    polls `is_alive()`; restarts back off 1, 2, 4, ... s and are bounded by `max_restarts`
-    per `window` seconds. `failed` is set (with `reason`) when it gives up.
+    polls `is_alive()` and the models' Python-backend stub processes (Triton 2.51 neither
+    restarts a dead stub nor stops calling the model ready: its requests hang); restarts back
+    off 1, 2, 4, ... s and are bounded by `max_restarts` per `window` seconds. `failed` is
+    set (with `reason`) when it gives up.
     """
 
     def __init__(self, make: Callable[[], TritonServer], *, max_restarts: int = 5,
@@ -56,6 +58,7 @@ class TritonWatchdog:
         self.make, self.max_restarts, self.window = make, max_restarts, window
         self.poll, self.start_timeout = poll, start_timeout
         self.server: TritonServer | None = None
+        self.expected_stubs: dict[str, int] = {}  # model -> stub processes when it started
         self.restarts: list[float] = []  # monotonic times of the restarts in the window
         self.failed = threading.Event()
         self.reason = ""
@@ -66,21 +69,36 @@ class TritonWatchdog:
         """Start Triton (blocking until ready), then the watchdog thread."""
         self.server = self.make()
         self.server.start(self.start_timeout)
+        self.expected_stubs = self.server.stubs()
         self._thread.start()
         return self.server
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll):
             server = self.server
-            if server is None or server.is_alive():
+            if server is None or not self._failed(server):
                 continue
-            code = server.process.returncode if server.process else None
-            log.error("tritonserver exited unexpectedly (exit code %s); end of its log:\n%s",
-                      code, server.log_tail(15))
-            server.stop()  # closes its log file
+            # Closes its log file. A server with a dead stub would wait on that stub's hung
+            # requests while draining: 2 s, then it is killed and its clients get errors.
+            server.stop(timeout=2.0)
             if not self._restart():
                 self.failed.set()
                 return
+
+    def _failed(self, server: TritonServer) -> bool:
+        """Triton exited, or a model's stub process died (its requests would hang and every
+        later one fail, while Triton still says ready): either way, restart."""
+        if not server.is_alive():
+            code = server.process.returncode if server.process else None
+            log.error("tritonserver exited unexpectedly (exit code %s); end of its log:\n%s",
+                      code, server.log_tail(15))
+            return True
+        dead = server.dead_stubs(self.expected_stubs)
+        if dead:
+            log.error("the Python-backend stub of %s died: restarting tritonserver",
+                      ", ".join(dead))
+            return True
+        return False
 
     def _restart(self) -> bool:
         while not self._stop.is_set():
@@ -104,6 +122,7 @@ class TritonWatchdog:
             except Exception as e:  # noqa: BLE001 - counted, then retried
                 log.error("tritonserver restart failed: %s", e)
                 continue
+            self.expected_stubs = server.stubs()
             log.warning("tritonserver is back (pid %d)", server.process.pid)
             return True
         return True

@@ -294,6 +294,27 @@ class TritonServer:
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stubs(self) -> dict[str, int]:
+        """{model: live Python-backend stub processes}, from the server's process group."""
+        counts: dict[str, int] = {}
+        if self.process is None:
+            return counts
+        for pid in _group_pids(self.process.pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"triton_python_backend_stub") and len(cmd) > 1:
+                model = Path(cmd[1].decode(errors="replace")).parent.parent.name
+                counts[model] = counts.get(model, 0) + 1
+        return counts
+
+    def dead_stubs(self, expected: dict[str, int]) -> list[str]:
+        """Models with fewer live stubs than `expected` (a stub killed or crashed: Triton
+        does not restart it, and keeps reporting the model ready)."""
+        now = self.stubs()
+        return sorted(m for m, n in expected.items() if now.get(m, 0) < n)
+
     def is_ready(self) -> bool:
         return self.is_alive() and _http_ok(f"http://{self.http_url}/v2/health/ready")
 
@@ -341,7 +362,9 @@ def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _live_in_group(pgid: int) -> bool:
+def _group_pids(pgid: int, live_only: bool = True) -> list[int]:
+    """Processes of group `pgid` (zombies left out when `live_only`)."""
+    found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -349,9 +372,13 @@ def _live_in_group(pgid: int) -> bool:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[2]) == pgid and not (live_only and fields[0] == "Z"):
+            found.append(int(d.name))
+    return found
+
+
+def _live_in_group(pgid: int) -> bool:
+    return bool(_group_pids(pgid))
 
 
 def _die_with_parent() -> tuple[list[str], Callable[[], None] | None]:

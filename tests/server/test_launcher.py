@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from server.triton import free_ports
-from tests.server.serving import decode_png
+from tests.server.serving import decode_png, read_sse
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,6 +158,32 @@ def test_launcher_serves_restarts_triton_and_stops_cleanly(launcher):
         assert not Path(f"/proc/{pid}").exists() or cmdline(pid) == ""
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_a_dead_pipeline_stub_fails_its_requests_and_recovers(launcher):
+    proc, out, repo = launcher
+    url = out.wait_for(r"web UI:\s+(http://\S+)/", proc, timeout=240).group(1)
+    triton = tritonserver_pid(proc.pid)
+    stub = [p for p in children(triton)
+            if "ldm_txt2img_stream/1/model.py" in cmdline(p)]
+    assert len(stub) == 1, [cmdline(p) for p in children(triton)]
+    events = []
+    killed_at = None
+    body = {"prompt": "a red circle", "steps": 100}
+    with httpx.stream("POST", f"{url}/v1/images/generations/stream", json=body,
+                      timeout=60) as r:
+        for event, _data in read_sse(r):
+            events.append(event)
+            if killed_at is None:  # the request is in flight: its stub dies
+                killed_at = time.monotonic()
+                os.kill(stub[0], signal.SIGKILL)
+    assert events[-1] == "error", events[-3:]  # an error, not a hang or an image
+    assert time.monotonic() - killed_at < 10
+    wait_status(f"{url}/readyz", 200, timeout=30)
+    assert "stub of ldm_txt2img_stream died" in out.text()
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
+                   timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_launcher_reports_a_missing_checkpoint(tmp_path):
