@@ -58,13 +58,37 @@ def session_options(
     return opts
 
 
-def make_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession for `path` with our thread settings and full optimisation."""
+_SHARED_ARENA: list[bool] = []  # registered in this process (once: it is process-wide)
+
+
+def share_cpu_arena() -> None:
+    """Register one CPU memory arena for every session of this process that asks for it
+    (`make_session(shared_arena=True)`), growing by what is requested (not in powers of two).
+
+    Each session otherwise grows an arena of its own to its largest run and keeps it: a
+    pipeline's three networks then hold the sum of their peaks (measured on the 1.45 B model:
+    +0.9 GB after a UNet run at batch 4 and a VAE decode, against +0.6 GB shared)."""
+    if _SHARED_ARENA:
+        return
+    cfg = ort.OrtArenaCfg(0, 1, -1, -1)  # no cap; kSameAsRequested; default chunk settings
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                             ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, cfg)
+    _SHARED_ARENA.append(True)
+
+
+def make_session(path: str | Path, threads: int | None = None,
+                 shared_arena: bool = False) -> ort.InferenceSession:
+    """A CPU InferenceSession for `path` with our thread settings and full optimisation;
+    `shared_arena`: its activations come from the process's one arena (`share_cpu_arena`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} not found")
-    return ort.InferenceSession(str(path), session_options(threads),
-                                providers=["CPUExecutionProvider"])
+    opts = session_options(threads)
+    if shared_arena:
+        share_cpu_arena()
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def hardware_specific_ops(path: str | Path) -> list[str]:

@@ -54,7 +54,7 @@ from export.onnx_export import (
     onnx_digest,
 )
 from export.ort import OptLevel, optimize_for_cpu
-from export.parity import DEFAULT_TOL, ParityError, check_parity
+from export.parity import DEFAULT_TOL, ParityError, compare_with_onnx, reference_outputs
 from export.specs import GRAPHS, ExportSpec, ShapeLimits, build_specs
 from export.tensorrt import EngineSettings, build_engine, trt_status
 from export.triton_config import MODEL_FILES, TritonOptions, model_config
@@ -329,11 +329,13 @@ class _Build:
             path = export_onnx(graph, spec, tmp / "model.onnx", self.options.opset,
                                self.options.external_data_threshold)
             seconds = time.perf_counter() - t0
-            parity = check_parity(graph, path, spec, tol=self.options.parity_tol).to_dict()
+            references = reference_outputs(graph, spec)
+            del graph
+            gc.collect()  # unmaps the checkpoint pages this network read, before ORT loads
+            parity = compare_with_onnx(path, spec, references,
+                                       self.options.parity_tol).to_dict()
             parity.update(export_seconds=seconds, weights=self.weights)
             (tmp / "parity.json").write_text(json.dumps(parity, indent=1))
-        del graph
-        gc.collect()  # unmaps the checkpoint pages this network read
         self.report.rebuilt.append(f"{name}: onnx export ({seconds:.1f} s) + parity")
         self._use(folder)
         return folder / "model.onnx", parity

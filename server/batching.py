@@ -13,7 +13,9 @@ step count and guidance), and every network call goes through the batcher:
 A call waits until every member thread is blocked in a call (nothing else can join the
 batch), or until `max_wait_s` passed; then one of the waiting threads runs all pending calls,
 grouped by function and by non-batch shapes, concatenated on axis 0 in chunks of at most
-`max_batch` items. With one request in flight a call runs at once, in its own thread.
+`max_batch` items (a single call larger than that runs in slices of `max_batch`, so no run
+exceeds it: `max_batch` bounds a network's activation memory as well as its graph's batch).
+With one request in flight a call runs at once, in its own thread.
 
 Runs are serialised (one network at a time, with all of the session's threads), like Triton's
 one-execution-per-instance rule. If a merged run fails, its calls re-run one by one so that an
@@ -178,7 +180,8 @@ class CallBatcher:
 
 def _chunks(calls: list[_Call]) -> list[list[_Call]]:
     """Calls grouped by function and non-batch shapes (arrival order kept), each group cut so
-    that a chunk holds at most its function's max_batch items (a larger call runs alone)."""
+    that a chunk holds at most its function's max_batch items (a larger call runs alone, in
+    slices)."""
     groups: dict[tuple, list[list[_Call]]] = {}
     for c in calls:
         chunks = groups.setdefault(c.key, [[]])
@@ -209,7 +212,13 @@ def _run_group(calls: list[_Call]) -> list[int]:
 
 
 def _run_one(call: _Call) -> None:
+    step = call.max_batch
     try:
-        call.result = np.asarray(call.fn(*call.arrays))
+        if call.size <= step:
+            call.result = np.asarray(call.fn(*call.arrays))
+        else:
+            call.result = np.concatenate([np.asarray(call.fn(*(a[i:i + step]
+                                                               for a in call.arrays)))
+                                          for i in range(0, call.size, step)])
     except Exception as e:  # noqa: BLE001 - re-raised in the calling thread
         call.error = e

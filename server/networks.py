@@ -3,8 +3,9 @@
 With `networks: onnxruntime` (ServingOptions) the pipeline model opens the repository's own
 ONNX graphs, the same files the `text_encoder`, `unet` and `vae_decoder` models serve, and
 calls them directly: no BLS round trip through the Triton core per sampler step (measured:
-3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). The price is memory: the
-weights are loaded once more, in the pipeline's process.
+3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). The weights are then resident
+in this process only: `python -m server` does not load the component models (their own
+copy) unless asked to.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ NumpyFn = Callable[..., np.ndarray]
 
 def onnx_function(path: str | Path, inputs: list[str], output: str,
                   threads: int | None = None) -> NumpyFn:
-    """fn(*arrays) -> `output` of the graph at `path`, arrays given in `inputs` order."""
-    session = make_session(path, threads)
+    """fn(*arrays) -> `output` of the graph at `path`, arrays given in `inputs` order. The
+    pipeline runs one network at a time (server/batching.py), so its sessions share one
+    memory arena: the process holds the largest run's activations, not each network's."""
+    session = make_session(path, threads, shared_arena=True)
     names = [i.name for i in session.get_inputs()]
     if sorted(names) != sorted(inputs):
         raise ValueError(f"{path}: graph inputs {names}, pipeline.json says {inputs}")

@@ -113,6 +113,12 @@ class ServingOptions:
     networks: str = "bls"
     intra_op_threads: int = 0  # ONNX Runtime threads of in-process networks; 0: all cores
     batch_wait_ms: int = 10  # longest a network call waits for other requests' calls
+    # Most items one UNet / VAE decoder run takes (0: what the graph takes). A run's
+    # activations grow with its batch; for networks that fill the cores at batch 1-2 (the
+    # paper's 1.45 B model: the same time per item at batch 2, 4 and 8) a cap costs no
+    # throughput and bounds memory. server/repository.py sets them for large models.
+    unet_max_batch: int = 0
+    vae_max_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.preview not in PREVIEW_MODES:
@@ -123,8 +129,10 @@ class ServingOptions:
                self.max_concurrent) < 1:
             raise ValueError("preview_every, embedding_cache, torch_threads and "
                              "max_concurrent must be >= 1")
-        if self.intra_op_threads < 0 or self.batch_wait_ms < 0:
-            raise ValueError("intra_op_threads and batch_wait_ms must be >= 0")
+        if min(self.intra_op_threads, self.batch_wait_ms, self.unet_max_batch,
+               self.vae_max_batch) < 0:
+            raise ValueError("intra_op_threads, batch_wait_ms, unet_max_batch and "
+                             "vae_max_batch must be >= 0")
 
     def to_parameters(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -210,6 +218,10 @@ class EmbeddingCache:
         return len(self._data)
 
 
+def _cap(graph_max: int, option: int) -> int:
+    return min(graph_max, option) if option > 0 else graph_max
+
+
 class Txt2ImgService:
     """Generates images for validated requests with pluggable networks (see module docstring).
 
@@ -229,8 +241,10 @@ class Txt2ImgService:
         self.batcher = batcher
         if batcher is not None:
             encode_fn = batcher.wrap(encode_fn, info.text_encoder["max_batch"], "text_encoder")
-            unet_fn = batcher.wrap(unet_fn, info.unet["max_batch"], "unet")
-            decode_fn = batcher.wrap(decode_fn, info.vae_decoder["max_batch"], "vae_decoder")
+            unet_fn = batcher.wrap(unet_fn, _cap(info.unet["max_batch"], options.unet_max_batch),
+                                   "unet")
+            decode_fn = batcher.wrap(decode_fn, _cap(info.vae_decoder["max_batch"],
+                                                     options.vae_max_batch), "vae_decoder")
         self.encode_fn, self.unet_fn, self.decode_fn = encode_fn, unet_fn, decode_fn
         self.options = options
         self.cache = EmbeddingCache(options.embedding_cache)

@@ -90,6 +90,16 @@ def test_runs_never_exceed_max_batch():
     assert max(f.sizes) <= 6 and sum(f.sizes) == 36
 
 
+def test_a_call_larger_than_max_batch_runs_in_slices():
+    # max_batch bounds every run (and so a network's activation memory), even a lone call's.
+    f = Affine()
+    call = CallBatcher().wrap(f, max_batch=2)
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    b = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(call(x, b), 2 * x + b[:, None])
+    assert f.sizes == [2, 2, 1]
+
+
 def test_different_shapes_and_functions_run_separately():
     f, g = Affine(), Affine()
     batcher = CallBatcher(max_wait_s=5.0)

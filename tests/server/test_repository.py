@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,24 @@ def test_served_models_leave_out_networks_the_pipeline_runs_itself(model, specs,
     write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS,
                                                    "serving": {"networks": "bls"}})
     assert "unet" in served_models(tmp_path)  # BLS calls them: they must be loaded
+
+
+def test_large_models_get_batch_caps(model):
+    # The paper's 1.45 B model, built without weights (meta): UNet and VAE runs are capped.
+    import yaml
+
+    from ldm.checkpoints import empty_weights
+    from ldm.compat import ldm_config
+    from ldm.models.diffusion import LatentDiffusion
+    from server.repository import large_model_caps
+
+    config = Path(__file__).parents[2] / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
+    with empty_weights():
+        big = LatentDiffusion(ldm_config(yaml.safe_load(config.read_text())["model"]))
+    assert sum(p.numel() for p in big.parameters()) > 1.5e9
+    assert large_model_caps(big) == {"unet_max_batch": 4, "vae_max_batch": 1}
+    assert large_model_caps(model) == {}  # the tiny one: batching pays, no caps
+    assert ServingOptions(**large_model_caps(big)).unet_max_batch == 4
 
 
 def test_the_front_model_needs_the_streaming_model(model, specs, tmp_path):
