@@ -1,0 +1,444 @@
+"""The paper-scale trial: a CompVis release-style checkpoint of the 1.45 B txt2img model, loaded,
+exported and served in one command, with the memory and time of every stage.
+
+    python -m bench.scale                       # ~15 GB of disk under build/scale, 20-30 min
+    python -m bench.scale --steps 10 --markdown
+
+1. make: the architecture of configs/compvis/txt2img-1p4B-eval.yaml with random weights in
+   which no tensor is all zeros (CompVis zero-initialises output layers, which would make
+   every parity check vacuous), written as PyTorch Lightning 1.4 wrote the CompVis releases
+   (`callbacks` keyed by the ModelCheckpoint class); reused while the config is unchanged;
+2. load: `load_compvis` in a fresh process: peak RSS against the checkpoint's tensor bytes
+   (target <= 1.25x);
+3. in process: one 256x256 image (DDIM, guidance 5) with PyTorch, and the eager UNet step at
+   batch 2 with its counted FLOPs;
+4. export: `python -m export.build_engines` in a child process: peak RSS against the
+   model's fp32 weight bytes (target <= 1.5x);
+5. serve: `python -m server --checkpoint ... --compvis-config ...`; RSS of every process
+   (launcher + gateway, tritonserver, each stub) after load and under 4 concurrent requests
+   (target <= 1.3x the networks' fp32 weight bytes); one image over HTTP and one over gRPC
+   streaming, each compared with the in-process image (PSNR, target >= 40 dB);
+6. the ONNX Runtime UNet step at batch 2 on the served graph, and the fp32 GEMM peak of
+   PyTorch and of ONNX Runtime measured in the same process.
+Each stage runs in its own process, so each peak is that stage's alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
+PROMPT = "a painting of a lighthouse on a cliff at sunset"
+GB = 1e9
+
+
+# --- memory --------------------------------------------------------------------------------
+
+def _status(pid: int | str, key: str) -> int:
+    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM), 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def process_rss(root: int) -> dict[str, int]:
+    """{"name (pid)": RSS bytes} for `root` and its descendants (stubs named by model)."""
+    out = {}
+    for pid in descendants(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = Path(cmd[0].decode(errors="replace")).name
+        if name == "triton_python_backend_stub" and len(cmd) > 1:
+            name = "stub " + Path(cmd[1].decode(errors="replace")).parent.parent.name
+        elif name in ("setpriv",):
+            continue
+        out[f"{name} ({pid})"] = _status(pid, "VmRSS")
+    return out
+
+
+# --- stage 1: the checkpoint ---------------------------------------------------------------
+
+def make_checkpoint(config: Path, path: Path) -> dict:
+    """Random non-zero weights of `config`'s architecture, in the Lightning 1.4 layout."""
+    import hashlib
+
+    import torch
+    import yaml
+
+    from ldm.checkpoints import save_lightning_checkpoint
+    from ldm.compat import ldm_config
+    from ldm.models.diffusion import LatentDiffusion
+
+    stamp = path.with_suffix(".json")
+    key = hashlib.sha256(config.read_bytes()).hexdigest()
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return json.loads(stamp.read_text())
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = LatentDiffusion(ldm_config(yaml.safe_load(config.read_text())["model"]))
+    state = model.state_dict()
+    with torch.no_grad():
+        for t in state.values():
+            if t.is_floating_point() and not t.any():
+                # Zero-initialised layers (outputs, biases): small noise, scaled by fan-in.
+                fan_in = t[0].numel() if t.dim() > 1 else 1
+                t.normal_(0, 0.02 if t.dim() == 1 else 0.5 / fan_in**0.5)
+    zero = [k for k, t in state.items() if t.is_floating_point() and not t.any()]
+    assert not zero, zero
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_lightning_checkpoint(tmp, state, layout="1.4", global_step=470000)
+    os.replace(tmp, path)
+    info = {"key": key, "parameters": sum(t.numel() for t in state.values()),
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "file_bytes": path.stat().st_size, "make_s": time.perf_counter() - t0}
+    stamp.write_text(json.dumps(info))
+    return info
+
+
+# --- stages run in their own process -------------------------------------------------------
+
+def stage_load(args) -> dict:
+    from ldm.checkpoints import read_checkpoint, tensor_bytes
+    from ldm.compat import load_compvis
+
+    nbytes = tensor_bytes(read_checkpoint(args.checkpoint))
+    t0 = time.perf_counter()
+    model = load_compvis(args.config, args.checkpoint)
+    seconds = time.perf_counter() - t0
+    nets = {"text_encoder": model.cond_stage_model, "unet": model.model,
+            "vae_decoder": model.first_stage_model.decoder}
+    net_bytes = sum(p.numel() * 4 for m in nets.values() for p in m.parameters())
+    net_bytes += sum(p.numel() * 4 for p in model.first_stage_model.post_quant_conv.parameters())
+    return {"load_s": seconds, "peak_rss": _status("self", "VmHWM"), "ckpt_tensor_bytes": nbytes,
+            "model_fp32_bytes": sum(p.numel() * 4 for p in model.parameters()),
+            "network_fp32_bytes": net_bytes}
+
+
+def stage_inproc(args) -> dict:
+    import torch
+
+    from bench.flops import count_flops
+    from ldm.compat import load_compvis
+    from ldm.pipeline import Txt2ImgPipeline
+
+    torch.set_num_threads(args.threads)
+    model = load_compvis(args.config, args.checkpoint)
+    t0 = time.perf_counter()
+    image = Txt2ImgPipeline(model)([PROMPT], steps=args.steps, guidance_scale=5.0, seed=0,
+                                   sampler="ddim", height=args.size, width=args.size)
+    image_s = time.perf_counter() - t0
+    np.save(args.out_image, image)
+    h = args.size // 8
+    x = torch.randn(2, 4, h, h, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    c = model.get_learned_conditioning([PROMPT, ""])
+    with torch.no_grad():
+        flops, _ = count_flops(lambda: model.apply_model(x, t, c))
+        times = []
+        for _ in range(3):
+            t1 = time.perf_counter()
+            model.apply_model(x, t, c)
+            times.append(time.perf_counter() - t1)
+    return {"image_s": image_s, "unet_step_s": float(np.median(times)), "unet_flops": flops,
+            "peak_rss": _status("self", "VmHWM")}
+
+
+def stage_ort_step(args) -> dict:
+    """The served UNet graph at batch 2, and the fp32 GEMM peaks of torch and ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from bench.flops import matmul_peak
+    from export.ort import make_session
+
+    session = make_session(args.repository / "unet" / "1" / "model.onnx", args.threads)
+    h = args.size // 8
+    rng = np.random.default_rng(0)
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    c, (seq, dim) = shapes["latent"][1], shapes["context"][1:]
+    feeds = {"latent": rng.standard_normal((2, c, h, h), dtype=np.float32),
+             "timestep": np.array([500, 500], dtype=np.int64),
+             "context": rng.standard_normal((2, seq, dim), dtype=np.float32)}
+    session.run(None, feeds)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    del session
+    n = 2048
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    gemm = ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    a = {k: rng.standard_normal((n, n), dtype=np.float32) for k in "ab"}
+    gemm.run(None, a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        gemm.run(None, a)
+        best = min(best, time.perf_counter() - t0)
+    torch_peak = matmul_peak(args.threads)["gflops"]
+    return {"ort_unet_step_s": float(np.median(times)), "ort_gemm_gflops": 2 * n**3 / best / 1e9,
+            "torch_gemm_gflops": torch_peak}
+
+
+STAGES = {"load": stage_load, "inproc": stage_inproc, "ort_step": stage_ort_step}
+
+
+def run_stage(name: str, args, extra: list[str] = ()) -> dict:
+    out = args.work / f"{name}.json"
+    cmd = [sys.executable, "-m", "bench.scale", "--stage", name, "--work", str(args.work),
+           "--steps", str(args.steps), "--size", str(args.size), "--threads", str(args.threads),
+           "--config", str(args.config), *extra]
+    print(f"[{time.strftime('%H:%M:%S')}] stage {name}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+# --- export and serve ----------------------------------------------------------------------
+
+def timed_child(cmd: list[str]) -> tuple[int, float, int]:
+    """(exit code, seconds, peak RSS bytes of the child) via wait4's rusage."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
+
+
+def export(args) -> dict:
+    print(f"[{time.strftime('%H:%M:%S')}] export", flush=True)
+    code, seconds, peak = timed_child([
+        sys.executable, "-m", "export.build_engines", "--checkpoint", str(args.checkpoint),
+        "--compvis-config", str(args.config), "--out", str(args.repository),
+        "--work-dir", str(args.work / "export"), "--replace"])
+    if code != 0:
+        raise SystemExit(f"export failed (exit {code})")
+    return {"export_s": seconds, "peak_rss": peak}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"python -m server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise SystemExit(f"server not ready after {timeout:.0f} s")
+
+
+def serve(args, reference: np.ndarray) -> dict:
+    from server.client import Txt2ImgClient
+    from server.triton import free_ports
+
+    port, http, grpc, metrics = free_ports(4)
+    cmd = [sys.executable, "-m", "server", "--checkpoint", str(args.checkpoint),
+           "--compvis-config", str(args.config), "--repository", str(args.repository),
+           "--work-dir", str(args.work / "export"), "--port", str(port),
+           "--triton-http-port", str(http), "--triton-grpc-port", str(grpc),
+           "--triton-metrics-port", str(metrics), "--request-timeout", "3600"]
+    print(f"[{time.strftime('%H:%M:%S')}] serve: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc, 1800)
+        out = {"ready_s": time.perf_counter() - t0}
+        time.sleep(3)
+        out["rss_after_load"] = process_rss(proc.pid)
+        kw = dict(steps=args.steps, guidance_scale=5.0, seed=0, sampler="ddim",
+                  height=args.size, width=args.size)
+        with Txt2ImgClient(f"127.0.0.1:{http}", protocol="http", timeout=3600) as c:
+            t1 = time.perf_counter()
+            out["http_image"] = c.generate(PROMPT, **kw).images
+            out["http_s"] = time.perf_counter() - t1
+        with Txt2ImgClient(f"127.0.0.1:{grpc}", timeout=3600) as c:
+            t1 = time.perf_counter()
+            out["grpc_stream_image"] = c.stream(PROMPT, **kw).images
+            out["grpc_stream_s"] = time.perf_counter() - t1
+        out["rss_under_load"], out["load_4_s"] = _under_load(proc.pid, grpc, args)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for key in ("http_image", "grpc_stream_image"):
+        out[key.replace("image", "psnr")] = psnr(out.pop(key), reference)
+    return out
+
+
+def _under_load(root: int, grpc: int, args) -> tuple[dict[str, int], float]:
+    """Peak total RSS (and its per-process split) while 4 clients generate at once."""
+    from server.client import Txt2ImgClient
+
+    errors, done = [], threading.Event()
+
+    def one(seed: int) -> None:
+        try:
+            with Txt2ImgClient(f"127.0.0.1:{grpc}", timeout=3600) as c:
+                c.generate(PROMPT, steps=args.load_steps, seed=seed, height=args.size,
+                           width=args.size)
+        except Exception as e:  # noqa: BLE001 - reported
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in range(4)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    peak: dict[str, int] = {}
+    while any(t.is_alive() for t in threads):
+        now = process_rss(root)
+        if sum(now.values()) > sum(peak.values()):
+            peak = now
+        time.sleep(0.5)
+    done.set()
+    if errors:
+        raise SystemExit(f"concurrent requests failed: {errors[0]}")
+    return peak, time.perf_counter() - t0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+# --- report --------------------------------------------------------------------------------
+
+def report(r: dict) -> str:
+    ck, ld, ip, ex, sv, st = (r[k] for k in ("checkpoint", "load", "inproc", "export", "serve",
+                                             "ort_step"))
+    nets = ld["network_fp32_bytes"]
+    loaded, busy = sum(sv["rss_after_load"].values()), sum(sv["rss_under_load"].values())
+    peak = max(st["ort_gemm_gflops"], st["torch_gemm_gflops"])
+    peak_by = "ONNX Runtime" if st["ort_gemm_gflops"] >= st["torch_gemm_gflops"] else "PyTorch"
+    gf = ip["unet_flops"] / 1e9
+    lines = [
+        f"Model: {ck['parameters'] / 1e9:.3f} B parameters, checkpoint {ck['file_bytes'] / GB:.2f}"
+        f" GB ({ck['tensor_bytes'] / GB:.2f} GB of tensors, Lightning 1.4 layout); networks "
+        f"served (text encoder, UNet, VAE decoder) {nets / GB:.2f} GB fp32. "
+        f"{r['size']}x{r['size']}, DDIM {r['steps']} steps, guidance 5, {r['threads']} threads.",
+        "",
+        "| stage | wall s | peak RSS GB | ratio | target |",
+        "|---|---:|---:|---:|---|",
+        f"| load (`load_compvis`) | {ld['load_s']:.1f} | {ld['peak_rss'] / GB:.2f} | "
+        f"{ld['peak_rss'] / ld['ckpt_tensor_bytes']:.2f}x tensor bytes | <= 1.25x |",
+        f"| one image in process (PyTorch) | {ip['image_s']:.1f} | {ip['peak_rss'] / GB:.2f} | "
+        f"{ip['peak_rss'] / ld['ckpt_tensor_bytes']:.2f}x tensor bytes | |",
+        f"| export (`export.build_engines`) | {ex['export_s']:.1f} | {ex['peak_rss'] / GB:.2f} | "
+        f"{ex['peak_rss'] / ld['model_fp32_bytes']:.2f}x fp32 weights | <= 1.5x |",
+        f"| serve: start to ready | {sv['ready_s']:.1f} | {loaded / GB:.2f} (all processes) | "
+        f"{loaded / nets:.2f}x network weights | <= 1.3x |",
+        f"| serve: 4 concurrent requests ({r['load_steps']} steps) | {sv['load_4_s']:.1f} | "
+        f"{busy / GB:.2f} (all processes) | {busy / nets:.2f}x network weights | <= 1.3x |",
+        f"| one image over HTTP | {sv['http_s']:.1f} | | {sv['http_psnr']:.1f} dB vs in process"
+        " | >= 40 dB |",
+        f"| one image over gRPC streaming | {sv['grpc_stream_s']:.1f} | | "
+        f"{sv['grpc_stream_psnr']:.1f} dB vs in process | >= 40 dB |",
+        "",
+        "| process | RSS after load GB | RSS at peak under 4 requests GB |",
+        "|---|---:|---:|",
+    ]
+    names = {k.rsplit(" (", 1)[0]: k for k in sv["rss_after_load"]}
+    busy_names = {k.rsplit(" (", 1)[0]: v for k, v in sv["rss_under_load"].items()}
+    for short, key in sorted(names.items()):
+        lines.append(f"| {short} | {sv['rss_after_load'][key] / GB:.2f} | "
+                     f"{busy_names.get(short, 0) / GB:.2f} |")
+    lines += [
+        "",
+        f"UNet step at batch 2 ({gf:.0f} GFLOP counted): PyTorch eager {ip['unet_step_s']:.2f} s "
+        f"({gf / ip['unet_step_s'] / peak:.0%} of peak), ONNX Runtime {st['ort_unet_step_s']:.2f}"
+        f" s ({gf / st['ort_unet_step_s'] / peak:.0%} of peak). fp32 GEMM peak {peak:.0f} GFLOP/s"
+        f" set by {peak_by} (ONNX Runtime {st['ort_gemm_gflops']:.0f}, PyTorch "
+        f"{st['torch_gemm_gflops']:.0f}), 2048^3, same process.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, default=CONFIG, help="CompVis LDM YAML")
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "scale",
+                   help="checkpoint, repository and export cache (~15 GB)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps of the compared images")
+    p.add_argument("--load-steps", type=int, default=5, help="steps of the 4 concurrent requests")
+    p.add_argument("--size", type=int, default=256, help="image side, pixels")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.work = args.work.resolve()
+    args.checkpoint = args.work / "model.ckpt"
+    args.repository = args.work / "model_repository"
+    args.out_image = args.work / "inproc.npy"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.stage:  # a child: one stage, its result as JSON
+        result = STAGES[args.stage](args)
+        (args.work / f"{args.stage}.json").write_text(json.dumps(result))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] make {args.checkpoint}", flush=True)
+    results = {"steps": args.steps, "size": args.size, "threads": args.threads,
+               "load_steps": args.load_steps,
+               "checkpoint": make_checkpoint(args.config, args.checkpoint)}
+    results["load"] = run_stage("load", args)
+    results["inproc"] = run_stage("inproc", args)
+    results["export"] = export(args)
+    results["serve"] = serve(args, np.load(args.out_image))
+    results["ort_step"] = run_stage("ort_step", args)
+    (args.work / "results.json").write_text(json.dumps(results, indent=1))
+    print(report(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
