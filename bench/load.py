@@ -48,7 +48,7 @@ class UNetStats:
                          {s: self.batches.get(s, 0) + other.batches.get(s, 0) for s in sizes})
 
 
-def network_stats(metrics_url: str, model: str = "ldm_txt2img", network: str = "unet",
+def network_stats(metrics_url: str, model: str = "ldm_txt2img_stream", network: str = "unet",
                   timeout: float = 10.0) -> UNetStats | None:
     """The in-process batcher's counters for `network` of `model`; None if it published none."""
     from server.batching import parse_network_metrics

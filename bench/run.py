@@ -39,7 +39,6 @@ PROMPTS = ("a red circle in the top left", "a blue square in the bottom right",
            "a green triangle in the center", "a yellow circle on the left",
            "two purple squares", "an orange triangle at the top",
            "a small white circle in the bottom left", "a large cyan square on the right")
-PIPELINE_MODELS = ("text_encoder", "unet", "vae_decoder", "ldm_txt2img")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,7 +191,7 @@ def build_served_repository(args, model, folder: Path, threads: int):
     # --pipeline-instances never lingers in the cached repository.
     from server.repository import write_pipeline_models
 
-    options = {"pipeline_models": ["ldm_txt2img"], "models": list(options.models),
+    options = {"models": list(options.models),
                "max_batch": limits.max_batch,
                # The in-process networks get the same thread count as every other runtime.
                "serving": {"intra_op_threads": threads}}
@@ -323,11 +322,12 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
     (raw results by entry name, last image of each end-to-end contender, pipeline instances)."""
     from bench import contenders as C
     from bench.load import burst, pipeline_unet_stats
+    from server.repository import served_models
     from server.triton import TritonServer
 
+    # What `python -m server` loads: the pipeline models (they run the networks themselves).
     server = TritonServer(setup.repository, log_path=args.work_dir / "tritonserver.log",
-                          extra_args=("--model-control-mode=explicit",
-                                      *(f"--load-model={m}" for m in PIPELINE_MODELS)))
+                          models=served_models(setup.repository))
     triton = None
     try:
         t0 = time.perf_counter()

@@ -57,7 +57,11 @@ class TritonPythonModel:
         workers = 2 * int(params.get("max_concurrent", "8"))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ldm_txt2img")
         self.closing = False
-        self.inflight: dict[str, object] = {}  # request_id -> the client's request
+        # request_id -> [the client's request, or None once answered]; with `lock` held, so
+        # the watcher never asks a request that has been answered: Triton 2.51 frees its
+        # response factory with the final response, and is_cancelled() then segfaults.
+        self.inflight: dict[str, list] = {}
+        self.lock = threading.Lock()
         self.stop = threading.Event()
         self.watcher = threading.Thread(target=self.watch, name="cancel-watcher", daemon=True)
         self.watcher.start()
@@ -87,7 +91,9 @@ class TritonPythonModel:
             model_name=TARGET, inputs=tensors, requested_output_names=OUTPUTS,
             parameters={"progress": "none", "request_id": request_id})
         final = None
-        self.inflight[request_id] = request
+        entry = [request]
+        with self.lock:
+            self.inflight[request_id] = entry
         try:
             for response in bls.exec(decoupled=True):
                 if response.has_error():
@@ -96,21 +102,25 @@ class TritonPythonModel:
                     final = pb_utils.InferenceResponse(response.output_tensors())
         except Exception as e:  # noqa: BLE001 - becomes this request's error
             final = pb_utils.InferenceResponse(error=_error(f"internal error: {e}", "INTERNAL"))
-        finally:
-            self.inflight.pop(request_id, None)
         if final is None:
             final = pb_utils.InferenceResponse(error=_error(f"{TARGET} sent no images",
                                                             "INTERNAL"))
+        with self.lock:
+            self.inflight.pop(request_id, None)
+            entry[0] = None
         sender.send(final, flags=FINAL)
 
     def watch(self):
         cancelled = set()
         while not self.stop.wait(0.2):
-            for request_id, request in list(self.inflight.items()):
-                if request_id not in cancelled and request.is_cancelled():
-                    cancelled.add(request_id)
-                    self.cancel(request_id)
-            cancelled &= set(self.inflight)
+            with self.lock:
+                newly = [request_id for request_id, (request,) in self.inflight.items()
+                         if request_id not in cancelled and request is not None
+                         and request.is_cancelled()]
+                cancelled &= set(self.inflight)
+            for request_id in newly:  # outside the lock: a BLS round trip
+                cancelled.add(request_id)
+                self.cancel(request_id)
 
     def cancel(self, request_id):
         """Ask the target to stop request `request_id` (see the module docstring)."""
