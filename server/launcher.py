@@ -48,15 +48,21 @@ class TritonWatchdog:
 
     `make()` returns a fresh (unstarted) TritonServer on the same ports. The watchdog thread
     polls `is_alive()` and the models' Python-backend stub processes (Triton 2.51 neither
-    restarts a dead stub nor stops calling the model ready: its requests hang); restarts back
+    restarts a dead stub nor stops calling the model ready: its requests hang), and probes the
+    pipeline model so that a wedged stub is found too (`_wedged`); restarts back
     off 1, 2, 4, ... s and are bounded by `max_restarts` per `window` seconds. `failed` is
     set (with `reason`) when it gives up.
     """
 
     def __init__(self, make: Callable[[], TritonServer], *, max_restarts: int = 5,
-                 window: float = 600.0, poll: float = 0.5, start_timeout: float = 300.0):
+                 window: float = 600.0, poll: float = 0.5, start_timeout: float = 300.0,
+                 probe_every: float = 3.0, probe_timeout: float = 3.0):
         self.make, self.max_restarts, self.window = make, max_restarts, window
         self.poll, self.start_timeout = poll, start_timeout
+        # A stub that is alive but wedged answers no probe: two missed in a row (about
+        # probe_every + 2 probe_timeout, 9 s by default) and Triton is restarted.
+        self.probe_every, self.probe_timeout = probe_every, probe_timeout
+        self._next_probe, self._missed = 0.0, 0
         self.server: TritonServer | None = None
         self.expected_stubs: dict[str, int] = {}  # model -> stub processes when it started
         self.restarts: list[float] = []  # monotonic times of the restarts in the window
@@ -97,6 +103,22 @@ class TritonWatchdog:
         if dead:
             log.error("the Python-backend stub of %s died: restarting tritonserver",
                       ", ".join(dead))
+            return True
+        return self._wedged(server)
+
+    def _wedged(self, server: TritonServer) -> bool:
+        """Probe the pipeline every `probe_every` s; two unanswered probes: wedged."""
+        if "ldm_txt2img_stream" not in self.expected_stubs:
+            return False
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + self.probe_every
+        self._missed = 0 if server.answers_probe(timeout=self.probe_timeout) else self._missed + 1
+        if self._missed >= 2:
+            log.error("ldm_txt2img_stream answered no health probe for %d tries: its stub is "
+                      "wedged; restarting tritonserver", self._missed)
+            self._missed = 0
             return True
         return False
 
@@ -220,6 +242,10 @@ class Launcher:
 
         a = self.args
         keys = load_api_keys(a.api_keys_file)
+        if keys and a.triton_host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("API keys are on, but Triton listens on %s: its HTTP and gRPC ports "
+                        "take requests without a key. Keep Triton on 127.0.0.1 (the default) "
+                        "or firewall its ports.", a.triton_host)
         ensure_repository(a)
         print("starting tritonserver (loading the models)...", flush=True)
         self.watchdog = TritonWatchdog(self.make_triton, max_restarts=a.max_restarts,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -314,6 +315,19 @@ class TritonServer:
         does not restart it, and keeps reporting the model ready)."""
         now = self.stubs()
         return sorted(m for m, n in expected.items() if now.get(m, 0) < n)
+
+    def answers_probe(self, model: str = "ldm_txt2img_stream", timeout: float = 5.0) -> bool:
+        """Whether `model`'s stub answers a `health` request within `timeout` seconds (a
+        stub that is alive but wedged, e.g. stopped or deadlocked, does not)."""
+        url = f"http://{self.http_url}/v2/models/{model}/generate_stream"
+        body = json.dumps({"prompt": "", "health": True}).encode()
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                r.read()
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def is_ready(self) -> bool:
         return self.is_alive() and _http_ok(f"http://{self.http_url}/v2/health/ready")

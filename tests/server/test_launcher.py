@@ -186,6 +186,26 @@ def test_a_dead_pipeline_stub_fails_its_requests_and_recovers(launcher):
     assert r.status_code == 200, r.text
 
 
+def test_a_wedged_pipeline_stub_is_found_and_recovers(launcher):
+    # Alive but unresponsive (stopped here; deadlocked would look the same): no health probe
+    # is answered, Triton is restarted, and the service comes back by itself.
+    proc, out, repo = launcher
+    url = out.wait_for(r"web UI:\s+(http://\S+)/", proc, timeout=240).group(1)
+    triton = tritonserver_pid(proc.pid)
+    stub = [p for p in children(triton) if "ldm_txt2img_stream/1/model.py" in cmdline(p)]
+    assert len(stub) == 1
+    stopped_at = time.monotonic()
+    os.kill(stub[0], signal.SIGSTOP)
+    out.wait_for(r"stub is wedged; restarting tritonserver", proc, timeout=20)
+    assert time.monotonic() - stopped_at < 15
+    out.wait_for(r"tritonserver is back", proc, timeout=30)
+    assert time.monotonic() - stopped_at < 45
+    wait_status(f"{url}/readyz", 200, timeout=10)
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_launcher_reports_a_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(tmp_path / "none"),
                         "--repository", str(tmp_path / "repo")], cwd=PROJECT_ROOT,

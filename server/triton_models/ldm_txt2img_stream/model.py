@@ -11,7 +11,8 @@ before its next UNet call.
 
 Request parameters (optional): `progress: none` sends the final response only (what
 `ldm_txt2img` asks for); `request_id: <id>` names a request so that a later request with
-`cancel: <id>` (and any prompt) stops it.
+`cancel: <id>` (and any prompt) stops it; `health: true` is answered at once with an empty
+final response (the launcher's liveness probe: a wedged stub does not answer).
 """
 import json
 import sys
@@ -48,8 +49,9 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             params = request_parameters(request)
-            if "cancel" in params:
-                self.mark_cancelled(str(params["cancel"]))
+            if "cancel" in params or params.get("health"):
+                if "cancel" in params:
+                    self.mark_cancelled(str(params["cancel"]))
                 request.get_response_sender().send(flags=FINAL)
                 continue
             thread = threading.Thread(target=self.run, args=(request, params), daemon=True)
