@@ -261,3 +261,16 @@ def test_launcher_cli_names_bad_values(tmp_path):
                         "--repository", str(tmp_path / "repo")], cwd=PROJECT_ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs --compvis-config" in r.stderr, r.stderr
+
+
+def test_public_triton_with_api_keys_is_warned_about(tmp_path):
+    # Triton's own ports take no key: binding them beyond loopback bypasses the gateway's.
+    env = {**os.environ, "LDM_API_KEYS": "k1"}
+    r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(tmp_path / "none"),
+                        "--repository", str(tmp_path / "repo"), "--triton-host", "0.0.0.0"],
+                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert "API keys are on, but Triton listens on 0.0.0.0" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(tmp_path / "none"),
+                        "--repository", str(tmp_path / "repo")],
+                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert "Triton listens on" not in r.stderr
