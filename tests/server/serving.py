@@ -91,6 +91,21 @@ def unet_counts(server) -> tuple[int, int]:
             int(sum(v.get("ldm_network_calls_total", 0) for v in unet)))
 
 
+def settled_unet_calls(server, t0: float, limit: float, quiet: float = 1.5) -> int:
+    """The UNet call count once it has not changed for `quiet` s (a cancelled loop has
+    stopped); fails when that is not so `limit` s after `t0`."""
+    import time
+
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < quiet:
+        _, now = unet_counts(server)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        assert time.monotonic() - t0 < limit, "unet kept running after the cancel"
+        time.sleep(0.1)
+    return last
+
+
 def read_sse(response: httpx.Response) -> Iterator[tuple[str, dict]]:
     """(event, data) pairs of a server-sent-event response, parsed by the spec's rules."""
     import json

@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from server.client import StreamProgress, Txt2ImgClient, Txt2ImgError, Txt2ImgOutput, main
 from server.triton import TritonServer
 from tests.server.conftest import psnr
-from tests.server.serving import unet_counts
+from tests.server.serving import settled_unet_calls, unet_counts
 
 PROMPT = "a red circle in the top left"
 MAX_BATCH = 4
@@ -138,13 +138,7 @@ def test_cancelled_stream_stops_the_loop(server, client):
             if len(seen) == 3:
                 break  # closing the iterator cancels the gRPC stream
     # The server-side loop stops at its next UNet call: the count settles far below 1000.
-    last, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 1.0:
-        _, now = unet_counts(server)
-        if now != last:
-            last, stable_since = now, time.monotonic()
-        assert time.monotonic() - t0 < 30, "unet kept running after the cancel"
-        time.sleep(0.1)
+    last = settled_unet_calls(server, t0, limit=30, quiet=1.0)
     assert [e.step for e in seen] == [1, 2, 3]
     assert 3 <= last - before < 100
     assert server.is_ready()
@@ -167,13 +161,7 @@ def test_cancelled_plain_request_stops_the_loop(server, client):
         assert time.monotonic() - t0 < 30, "the request never started"
         time.sleep(0.05)
     call.cancel()
-    last, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 1.5:
-        _, now = unet_counts(server)
-        if now != last:
-            last, stable_since = now, time.monotonic()
-        assert time.monotonic() - t0 < 60, "unet kept running after the cancel"
-        time.sleep(0.1)
+    last = settled_unet_calls(server, t0, limit=60, quiet=1.5)
     assert last - before < 200
     assert outcome and outcome[0] is not None  # the client got its cancellation
     raw.close()
