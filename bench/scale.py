@@ -36,58 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.procmem import process_rss, status_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
 PROMPT = "a painting of a lighthouse on a cliff at sunset"
 GB = 1e9
-
-
-# --- memory --------------------------------------------------------------------------------
-
-def _status(pid: int | str, key: str) -> int:
-    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM), 0 if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def descendants(root: int) -> list[int]:
-    """`root` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def process_rss(root: int) -> dict[str, int]:
-    """{"name (pid)": RSS bytes} for `root` and its descendants (stubs named by model)."""
-    out = {}
-    for pid in descendants(root):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        name = Path(cmd[0].decode(errors="replace")).name
-        if name == "triton_python_backend_stub" and len(cmd) > 1:
-            name = "stub " + Path(cmd[1].decode(errors="replace")).parent.parent.name
-        elif name in ("setpriv",):
-            continue
-        out[f"{name} ({pid})"] = _status(pid, "VmRSS")
-    return out
 
 
 # --- stage 1: the checkpoint ---------------------------------------------------------------
@@ -144,9 +98,9 @@ def stage_load(args) -> dict:
             "vae_decoder": model.first_stage_model.decoder}
     net_bytes = sum(p.numel() * 4 for m in nets.values() for p in m.parameters())
     net_bytes += sum(p.numel() * 4 for p in model.first_stage_model.post_quant_conv.parameters())
-    return {"load_s": seconds, "peak_rss": _status("self", "VmHWM"), "ckpt_tensor_bytes": nbytes,
-            "model_fp32_bytes": sum(p.numel() * 4 for p in model.parameters()),
-            "network_fp32_bytes": net_bytes}
+    return {"load_s": seconds, "peak_rss": status_bytes("self", "VmHWM"),
+            "ckpt_tensor_bytes": nbytes, "network_fp32_bytes": net_bytes,
+            "model_fp32_bytes": sum(p.numel() * 4 for p in model.parameters())}
 
 
 def stage_inproc(args) -> dict:
@@ -175,7 +129,7 @@ def stage_inproc(args) -> dict:
             model.apply_model(x, t, c)
             times.append(time.perf_counter() - t1)
     return {"image_s": image_s, "unet_step_s": float(np.median(times)), "unet_flops": flops,
-            "peak_rss": _status("self", "VmHWM")}
+            "peak_rss": status_bytes("self", "VmHWM")}
 
 
 def stage_ort_step(args) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.scale import process_rss
+from bench.procmem import process_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [f"a {c} {s} in the {p}" for c in ("red", "green", "blue", "yellow")

@@ -8,14 +8,20 @@
   evicting a cache entry never breaks a built repository.
 - `mkdtemp` makes 0700 folders; they are opened up to what the umask allows, so a Triton
   that runs as another user can read the repository.
+- A cache entry or a repository is filled in such a temporary folder and swapped in whole
+  (`cache_entry`, `staged_directory`): a failure leaves the previous one untouched.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ldm.pretrained import current_umask
@@ -94,3 +100,62 @@ def evict_old_builds(folder: Path, keep: int = DEFAULT_KEEP,
                      size / 1e6, keep)
             removed.append(old)
     return removed
+
+
+# --- atomic replacement --------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd = -100
+    rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put folder `new` at `out`, atomically where the OS allows; the old `out` is deleted."""
+    if out.exists():
+        if _exchange(new, out):
+            shutil.rmtree(new)  # `new` now holds the old repository
+            return
+        old = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-old")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces `out` when the block succeeds, and is
+    deleted (leaving `out` as it was) when it raises."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, out.name)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def cache_entry(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside `folder` to fill; it replaces `folder` when the block ends
+    without error, so a cache entry is whole or absent, never half-written."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(folder.parent, folder.name)
+    try:
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,22 +16,19 @@ Steps (each skipped when its cached result is up to date):
 5. swap the new folder in atomically (renameat2 RENAME_EXCHANGE on Linux). A failure in any
    step leaves the previous repository untouched.
 Top-level files already in `out` that the build does not write (a README) are carried over.
+The keys and the manifest live in export/manifest.py; temporary folders, cache eviction and
+the atomic swaps in export/cache.py.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
-import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,10 +37,23 @@ from tqdm import tqdm
 
 from export.cache import (
     DEFAULT_KEEP,
-    TEMP_PREFIX,
+    cache_entry,
     clean_stale_temps,
     evict_old_builds,
-    make_temp_dir,
+    staged_directory,
+)
+from export.manifest import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    PROJECT_ROOT,
+    check_out_dir,
+    check_same_checkpoint,
+    checkpoint_digest,
+    files_present,
+    library_versions,
+    read_manifest,
+    sha256_json,
+    source_digest,
 )
 from export.onnx_export import (
     DEFAULT_OPSET,
@@ -62,10 +72,7 @@ from export.triton_config import MODEL_FILES, TritonOptions, model_config
 log = logging.getLogger(__name__)
 
 MODELS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-MANIFEST = "manifest.json"
 MODEL_CONFIG = "model_config.yaml"
-MANIFEST_FORMAT = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Sources whose changes change the exported graphs, and those that change only the repository.
 GRAPH_SOURCES = ("ldm/models", "ldm/modules", "ldm/config.py", "ldm/compat.py",
                  "ldm/pretrained.py", "export/specs.py", "export/onnx_export.py")
@@ -109,140 +116,6 @@ class BuildReport:
     @property
     def up_to_date(self) -> bool:
         return not self.rebuilt
-
-
-# --- hashing -------------------------------------------------------------------------------
-
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def checkpoint_files(checkpoint: Path, compvis_config: Path | None) -> list[Path]:
-    if checkpoint.is_dir():
-        return sorted(p for p in checkpoint.iterdir()
-                      if p.is_file() and p.suffix in (".safetensors", ".yaml", ".ckpt", ".pt"))
-    return [checkpoint] + ([compvis_config] if compvis_config else [])
-
-
-def checkpoint_digest(checkpoint: Path, compvis_config: Path | None, cache_file: Path) -> str:
-    """sha256 over the checkpoint's files; per-file hashes are cached by (path, size, mtime)
-    so multi-GB checkpoints are read once."""
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    parts = []
-    for f in checkpoint_files(checkpoint, compvis_config):
-        st = f.stat()
-        stamp = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if stamp not in cache:
-            cache[stamp] = _file_sha256(f)
-        parts.append((f.name, cache[stamp]))
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cache, indent=0))
-    return _sha256_json(parts)
-
-
-def source_digest(paths: tuple[str, ...], root: Path = PROJECT_ROOT) -> str:
-    """sha256 over the .py files under `paths` (relative to the project root)."""
-    h = hashlib.sha256()
-    for rel in paths:
-        p = root / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
-        for f in files:
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in ("torch", "onnx", "onnxruntime"):
-        versions[name] = importlib.import_module(name).__version__
-    return versions
-
-
-# --- atomic replacement --------------------------------------------------------------------
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if not hasattr(libc, "renameat2"):
-        return False
-    at_fdcwd = -100
-    rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
-def replace_dir(new: Path, out: Path) -> None:
-    """Put folder `new` at `out`, atomically where the OS allows; the old `out` is deleted."""
-    if out.exists():
-        if _exchange(new, out):
-            shutil.rmtree(new)  # `new` now holds the old repository
-            return
-        old = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-old")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
-
-
-@contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` that replaces `out` when the block succeeds, and is
-    deleted (leaving `out` as it was) when it raises."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        yield tmp
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class RepositoryConflict(ValueError):
-    """The repository was built from another checkpoint; rebuilding would replace it."""
-
-
-def check_same_checkpoint(manifest: dict | None, checkpoint: Path, digest: str, out: Path,
-                          replace: bool) -> None:
-    """Refuse to rebuild `out` from a checkpoint other than the one it was built from."""
-    built = (manifest or {}).get("checkpoint") or {}
-    if not built.get("sha256") or built["sha256"] == digest or replace:
-        return
-    raise RepositoryConflict(
-        f"{out} was built from {built.get('path')} (sha256 {built['sha256'][:12]}), not from "
-        f"{checkpoint} (sha256 {digest[:12]}); rebuilding would replace it. Serve it as it is "
-        "(--no-export), pick another --repository, or pass --replace to rebuild it.")
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse to replace a folder holding model folders this tool did not write."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise NotADirectoryError(f"--out {out} exists and is not a folder")
-    if read_manifest(out) is None and any(p.is_dir() for p in out.iterdir()):
-        raise FileExistsError(f"--out {out} holds folders but no {MANIFEST}: not written by "
-                              "build_engines, refusing to replace it (pick another --out)")
 
 
 # --- the build -----------------------------------------------------------------------------
@@ -324,7 +197,7 @@ class _Build:
             self._use(folder)
             return folder / "model.onnx", parity
         graph = GRAPHS[name](self.fresh_model())
-        with _cache_entry(folder) as tmp:
+        with cache_entry(folder) as tmp:
             t0 = time.perf_counter()
             path = export_onnx(graph, spec, tmp / "model.onnx", self.options.opset,
                                self.options.external_data_threshold)
@@ -348,7 +221,7 @@ class _Build:
             self.report.reused.append(f"{name}: onnxruntime-optimised graph")
             self._use(folder)
             return folder / "model.onnx", level_file.read_text().strip()
-        with _cache_entry(folder) as tmp:
+        with cache_entry(folder) as tmp:
             level = optimize_for_cpu(onnx_path, tmp / "model.onnx", self.options.ort_level)
             (tmp / "level.txt").write_text(level)
         self.report.rebuilt.append(f"{name}: onnxruntime graph (level {level})")
@@ -372,7 +245,7 @@ class _Build:
                  **_spec_summary(spec), "file": MODEL_FILES[self.options.triton.backend]}
         backend = self.options.triton.backend
         if backend == "python":
-            ort_key = _sha256_json([onnx_key, ort_version, self.options.ort_level])
+            ort_key = sha256_json([onnx_key, ort_version, self.options.ort_level])
             served, entry["ort_level"] = self.ort_step(name, onnx_path, ort_key)
         elif backend == "tensorrt":
             served = self.engine_step(name, onnx_path, spec)
@@ -394,20 +267,6 @@ class _Build:
             self.report.rebuilt.append(f"{name}: tensorrt engine")
         self._use(path)
         return path
-
-
-@contextmanager
-def _cache_entry(folder: Path) -> Iterator[Path]:
-    """A temporary folder beside `folder` to fill; it replaces `folder` when the block ends
-    without error, so a cache entry is whole or absent, never half-written."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(folder.parent, folder.name)
-    try:
-        yield tmp
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_repository(
@@ -445,18 +304,18 @@ def build_repository(
     versions = library_versions()
     graph_code = source_digest(GRAPH_SOURCES)
     specs = build_specs(_ldm_config(checkpoint, compvis_config), options.limits)
-    onnx_keys = {name: _sha256_json({
+    onnx_keys = {name: sha256_json({
         "checkpoint": ckpt, "spec": asdict(specs[name]), "opset": options.opset,
         "ema": options.use_ema, "external": options.external_data_threshold,
         "code": graph_code, "torch": versions["torch"], "onnx": versions["onnx"]})
         for name in options.models}
-    repo_key = _sha256_json({
+    repo_key = sha256_json({
         "format": MANIFEST_FORMAT, "onnx": onnx_keys, "options": asdict(options),
         "requested_backend": requested, "tensorrt": trt_info, "versions": versions,
         "code": source_digest(REPOSITORY_SOURCES + _pipeline_sources())})
     old = read_manifest(out)
     check_same_checkpoint(old, checkpoint, ckpt, out, replace)
-    if not force and old and old.get("repo_key") == repo_key and _files_present(out, old):
+    if not force and old and old.get("repo_key") == repo_key and files_present(out, old):
         report.reused.append("repository")
         report.seconds = time.perf_counter() - t_start
         log.info("%s is up to date", out)
@@ -545,11 +404,6 @@ def _spec_summary(spec: ExportSpec) -> dict:
             "inputs": [asdict(t) for t in spec.inputs],
             "outputs": [asdict(t) for t in spec.outputs],
             "profile": {k: list(v) for k, v in spec.profile.items()}}
-
-
-def _files_present(out: Path, manifest: dict) -> bool:
-    return all((out / name / "1" / entry["file"]).is_file()
-               for name, entry in manifest.get("models", {}).items())
 
 
 def _carry_over(out: Path, tmp: Path) -> None:
