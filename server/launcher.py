@@ -56,11 +56,11 @@ class TritonWatchdog:
 
     def __init__(self, make: Callable[[], TritonServer], *, max_restarts: int = 5,
                  window: float = 600.0, poll: float = 0.5, start_timeout: float = 300.0,
-                 probe_every: float = 3.0, probe_timeout: float = 3.0):
+                 probe_every: float = 2.0, probe_timeout: float = 2.0):
         self.make, self.max_restarts, self.window = make, max_restarts, window
         self.poll, self.start_timeout = poll, start_timeout
-        # A stub that is alive but wedged answers no probe: two missed in a row (about
-        # probe_every + 2 probe_timeout, 9 s by default) and Triton is restarted.
+        # A stub that is alive but wedged answers no probe: two missed in a row (at most
+        # probe_every + 2 probe_timeout, 6 s by default) and Triton is restarted.
         self.probe_every, self.probe_timeout = probe_every, probe_timeout
         self._next_probe, self._missed = 0.0, 0
         self.server: TritonServer | None = None

@@ -180,7 +180,12 @@ def test_a_dead_pipeline_stub_fails_its_requests_and_recovers(launcher):
     assert events[-1] == "error", events[-3:]  # an error, not a hang or an image
     assert time.monotonic() - killed_at < 10
     wait_status(f"{url}/readyz", 200, timeout=30)
-    assert "stub of ldm_txt2img_stream died" in out.text()
+    # Found by the watchdog (as a dead stub, or by its health probe), or, when the dying stub
+    # takes tritonserver down with it, as Triton's own exit: restarted either way.
+    found = [line for line in out.lines if "stub of ldm_txt2img_stream died" in line
+             or "answered no health probe" in line
+             or "tritonserver exited unexpectedly" in line]
+    assert found, out.text(40)
     r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
                    timeout=60)
     assert r.status_code == 200, r.text
@@ -197,9 +202,9 @@ def test_a_wedged_pipeline_stub_is_found_and_recovers(launcher):
     stopped_at = time.monotonic()
     os.kill(stub[0], signal.SIGSTOP)
     out.wait_for(r"stub is wedged; restarting tritonserver", proc, timeout=20)
-    assert time.monotonic() - stopped_at < 15
+    assert time.monotonic() - stopped_at < 10  # found within 10 s
     out.wait_for(r"tritonserver is back", proc, timeout=30)
-    assert time.monotonic() - stopped_at < 45
+    assert time.monotonic() - stopped_at < 30  # and back within 30 s
     wait_status(f"{url}/readyz", 200, timeout=10)
     r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
                    timeout=60)
