@@ -201,8 +201,19 @@ def test_a_wedged_pipeline_stub_is_found_and_recovers(launcher):
     assert len(stub) == 1
     stopped_at = time.monotonic()
     os.kill(stub[0], signal.SIGSTOP)
+    outcome = {}
+
+    def in_flight():  # sent to the wedged stub: must fail, not hang
+        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2},
+                       timeout=60)
+        outcome.update(status=r.status_code, seconds=time.monotonic() - stopped_at)
+
+    thread = threading.Thread(target=in_flight)
+    thread.start()
     out.wait_for(r"stub is wedged; restarting tritonserver", proc, timeout=20)
     assert time.monotonic() - stopped_at < 10  # found within 10 s
+    thread.join(30)
+    assert outcome.get("status") in (502, 503) and outcome["seconds"] < 10, outcome
     out.wait_for(r"tritonserver is back", proc, timeout=30)
     assert time.monotonic() - stopped_at < 30  # and back within 30 s
     wait_status(f"{url}/readyz", 200, timeout=10)
