@@ -29,7 +29,8 @@ def test_a_killed_servers_regions_are_removed(triton_repo_for_shm, tmp_path):
     assert regions, "the Python backend mapped no region (test premise)"
     os.kill(server.process.pid, signal.SIGKILL)  # a crash: Triton cannot clean up
     server.process.wait(10)
-    assert regions <= ours()  # left behind...
+    # Left behind (the stubs, seeing their server gone, may remove their own; not the rest)...
+    assert regions & ours()
     server.stop()
     assert not regions & ours()  # ...until stop() removed them
 
