@@ -30,6 +30,7 @@ from server.client import (
     Txt2ImgOutput,
     build_inputs,
     grpc_client,
+    input_values,
     output_from_result,
 )
 from server.errors import GatewayError, triton_error
@@ -64,16 +65,6 @@ def response_body(out: Txt2ImgOutput) -> dict:
 def sse(event: str, data: dict) -> bytes:
     """One server-sent event (JSON data on a single line)."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def triton_values(body: ImageGenerationRequest) -> dict:
-    """The request's Triton inputs by name (those left out: the model's default)."""
-    values = {"prompt": body.prompt}
-    aliases = {"steps": "num_inference_steps"}
-    for k, v in body.triton_params().items():
-        if v is not None:
-            values[aliases.get(k, k)] = v
-    return values
 
 
 _END = object()  # the stream worker is done
@@ -145,8 +136,9 @@ class TritonBackend:
                 loop.call_soon_threadsafe(_settle, done, (result, error))
 
         t0 = time.perf_counter()
+        inputs = build_inputs(grpcclient, **input_values(body.prompt, body.triton_params()))
         call = self.grpc.async_infer(
-            self.settings.model, build_inputs(grpcclient, **triton_values(body)), on_done,
+            self.settings.model, inputs, on_done,
             outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
             client_timeout=self.settings.timeout)
         try:

@@ -140,7 +140,7 @@ class Txt2ImgClient:
     def generate(self, prompt: str, **params) -> Txt2ImgOutput:
         """Images for `prompt`; params: negative_prompt, steps, guidance_scale, seed, sampler,
         num_images, height, width (None: the server's default)."""
-        inputs = build_inputs(self._module, **_input_values(prompt, params))
+        inputs = build_inputs(self._module, **input_values(prompt, params))
         outputs = [self._module.InferRequestedOutput(n) for n in OUTPUTS]
         kwargs = {}
         if self.timeout is not None and self.protocol == "grpc":
@@ -161,7 +161,7 @@ class Txt2ImgClient:
             raise ValueError("streaming needs the gRPC protocol")
         import tritonclient.grpc as grpcclient
 
-        inputs = build_inputs(grpcclient, **_input_values(prompt, params))
+        inputs = build_inputs(grpcclient, **input_values(prompt, params))
         events: queue.Queue = queue.Queue()
         client = grpc_client(self.url)
         finished = False
@@ -198,11 +198,14 @@ class Txt2ImgClient:
         raise Txt2ImgError("stream ended without images")
 
 
-def _input_values(prompt: str, params: dict) -> dict:
+def input_values(prompt: str, params: dict) -> dict:
+    """Triton input values by name for `prompt` and `generate`'s keyword parameters; those
+    left out or None are absent (the model's default applies)."""
     aliases = {"steps": "num_inference_steps"}
     values = {"prompt": prompt}
     for k, v in params.items():
-        values[aliases.get(k, k)] = v
+        if v is not None:
+            values[aliases.get(k, k)] = v
     return values
 
 

@@ -62,8 +62,8 @@ from server.backend import (
     response_body,
     sse,
     stream_response,
-    triton_values,
 )
+from server.client import input_values
 from server.errors import (
     HTTP_CODES,
     MAX_REPORTED_ERRORS,
@@ -102,7 +102,7 @@ __all__ = [
     "TritonBackend", "check_request", "create_app", "header_timeout_protocol", "http_error",
     "install_access_log_filter", "key_error", "main", "parse_args", "png_b64", "printable",
     "progress_body", "redact_query", "response_body", "sse", "strict_json", "triton_error",
-    "triton_values", "unless_disconnected", "uvicorn_options", "validation_error",
+    "unless_disconnected", "uvicorn_options", "validation_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def check_request(body: ImageGenerationRequest, limits: Limits | None = None) ->
     if limits is None:
         return
     arrays = {k: np.array([v], dtype=object if INPUTS[k][0] == "TYPE_STRING" else None)
-              for k, v in triton_values(body).items()}
+              for k, v in input_values(body.prompt, body.triton_params()).items()}
     try:
         parse_request(arrays, limits)
     except InvalidRequest as e:
