@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -53,7 +52,7 @@ def make_checkpoint(config: Path, path: Path) -> dict:
     import torch
     import yaml
 
-    from ldm.checkpoints import save_lightning_checkpoint
+    from ldm.checkpoints import save_lightning_checkpoint, tensor_bytes
     from ldm.compat import ldm_config
     from ldm.models.diffusion import LatentDiffusion
 
@@ -78,7 +77,7 @@ def make_checkpoint(config: Path, path: Path) -> dict:
     save_lightning_checkpoint(tmp, state, layout="1.4", global_step=470000)
     os.replace(tmp, path)
     info = {"key": key, "parameters": sum(t.numel() for t in state.values()),
-            "tensor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "tensor_bytes": tensor_bytes(state),
             "file_bytes": path.stat().st_size, "make_s": time.perf_counter() - t0}
     stamp.write_text(json.dumps(info))
     return info
@@ -212,71 +211,47 @@ def export(args) -> dict:
     return {"export_s": seconds, "peak_rss": peak}
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"python -m server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"server not ready after {timeout:.0f} s")
-
-
 def serve(args, reference: np.ndarray) -> dict:
+    from bench.served import start_server
     from server.client import Txt2ImgClient
-    from server.triton import free_ports
 
-    port, http, grpc, metrics = free_ports(4)
-    cmd = [sys.executable, "-m", "server", "--checkpoint", str(args.checkpoint),
-           "--compvis-config", str(args.config), "--repository", str(args.repository),
-           "--work-dir", str(args.work / "export"), "--port", str(port),
-           "--triton-http-port", str(http), "--triton-grpc-port", str(grpc),
-           "--triton-metrics-port", str(metrics), "--request-timeout", "3600"]
-    print(f"[{time.strftime('%H:%M:%S')}] serve: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    served = start_server(["--checkpoint", str(args.checkpoint), "--compvis-config",
+                           str(args.config), "--repository", str(args.repository),
+                           "--work-dir", str(args.work / "export"), "--request-timeout", "3600"],
+                          timeout=1800)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc, 1800)
         out = {"ready_s": time.perf_counter() - t0}
         time.sleep(3)
-        out["rss_after_load"] = process_rss(proc.pid)
+        out["rss_after_load"] = process_rss(served.proc.pid)
         kw = dict(steps=args.steps, guidance_scale=5.0, seed=0, sampler="ddim",
                   height=args.size, width=args.size)
-        with Txt2ImgClient(f"127.0.0.1:{http}", protocol="http", timeout=3600) as c:
+        with Txt2ImgClient(served.triton_http, protocol="http", timeout=3600) as c:
             t1 = time.perf_counter()
             out["http_image"] = c.generate(PROMPT, **kw).images
             out["http_s"] = time.perf_counter() - t1
-        with Txt2ImgClient(f"127.0.0.1:{grpc}", timeout=3600) as c:
+        with Txt2ImgClient(served.triton_grpc, timeout=3600) as c:
             t1 = time.perf_counter()
             out["grpc_stream_image"] = c.stream(PROMPT, **kw).images
             out["grpc_stream_s"] = time.perf_counter() - t1
-        out["rss_under_load"], out["load_4_s"] = _under_load(proc.pid, grpc, args)
+        out["rss_under_load"], out["load_4_s"] = _under_load(served.proc.pid,
+                                                             served.triton_grpc, args)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        served.stop()
     for key in ("http_image", "grpc_stream_image"):
         out[key.replace("image", "psnr")] = psnr(out.pop(key), reference)
     return out
 
 
-def _under_load(root: int, grpc: int, args) -> tuple[dict[str, int], float]:
+def _under_load(root: int, grpc: str, args) -> tuple[dict[str, int], float]:
     """Peak total RSS (and its per-process split) while 4 clients generate at once."""
     from server.client import Txt2ImgClient
 
-    errors, done = [], threading.Event()
+    errors: list[Exception] = []
 
     def one(seed: int) -> None:
         try:
-            with Txt2ImgClient(f"127.0.0.1:{grpc}", timeout=3600) as c:
+            with Txt2ImgClient(grpc, timeout=3600) as c:
                 c.generate(PROMPT, steps=args.load_steps, seed=seed, height=args.size,
                            width=args.size)
         except Exception as e:  # noqa: BLE001 - reported
@@ -292,7 +267,6 @@ def _under_load(root: int, grpc: int, args) -> tuple[dict[str, int], float]:
         if sum(now.values()) > sum(peak.values()):
             peak = now
         time.sleep(0.5)
-    done.set()
     if errors:
         raise SystemExit(f"concurrent requests failed: {errors[0]}")
     return peak, time.perf_counter() - t0

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ import httpx
 import numpy as np
 
 from bench.procmem import process_rss
+from bench.served import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [f"a {c} {s} in the {p}" for c in ("red", "green", "blue", "yellow")
@@ -87,30 +86,6 @@ def client_loop(url: str, tally: Tally, stop: threading.Event, seed: int,
                 tally.add(time.perf_counter() - t0, False, f"{kind} {type(e).__name__}: {e}")
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    from server.triton import free_ports
-
-    port, http, grpc, metrics = free_ports(4)
-    cmd = [sys.executable, "-m", "server", "--checkpoint", str(args.checkpoint),
-           "--repository", str(args.work / "model_repository"),
-           "--work-dir", str(args.work / "export"), "--port", str(port),
-           "--triton-http-port", str(http), "--triton-grpc-port", str(grpc),
-           "--triton-metrics-port", str(metrics)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"python -m server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("server not ready in 600 s")
-
-
 def report_line(minute: int, window: dict, lat: list[float], rss: dict[str, int]) -> str:
     p50, p95 = (np.percentile(lat, [50, 95]) if lat else (float("nan"),) * 2)
     procs = ", ".join(f"{k.rsplit(' (', 1)[0]} {v / 1e6:.0f}" for k, v in sorted(rss.items()))
@@ -130,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.url and not args.pid:
         p.error("--url needs --pid (the process whose tree is measured)")
-    proc, url = (None, args.url) if args.url else start_server(args)
-    root = args.pid or proc.pid
+    served = None if args.url else start_server(
+        ["--checkpoint", str(args.checkpoint), "--repository", str(args.work / "model_repository"),
+         "--work-dir", str(args.work / "export")], timeout=600, quiet=True)
+    url = args.url or served.url
+    root = args.pid or served.proc.pid
     tally, stop = Tally(), threading.Event()
     threads = [threading.Thread(target=client_loop, args=(url, tally, stop, i, args.timeout),
                                 daemon=True) for i in range(args.clients)]
@@ -155,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for t in threads:
             t.join(args.timeout)
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
+        if served is not None:
+            served.stop()
     half = [r for s, r in samples if s >= samples[-1][0] / 2] or [samples[-1][1]]
     drift = (half[-1] - half[0]) / half[0]
     total = tally.total
