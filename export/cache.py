@@ -138,7 +138,6 @@ def replace_dir(new: Path, out: Path) -> None:
 def staged_directory(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` that replaces `out` when the block succeeds, and is
     deleted (leaving `out` as it was) when it raises."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, out.name)
     try:
         yield tmp
@@ -151,7 +150,6 @@ def staged_directory(out: Path) -> Iterator[Path]:
 def cache_entry(folder: Path) -> Iterator[Path]:
     """A temporary folder beside `folder` to fill; it replaces `folder` when the block ends
     without error, so a cache entry is whole or absent, never half-written."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(folder.parent, folder.name)
     try:
         yield tmp

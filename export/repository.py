@@ -172,8 +172,7 @@ class _Build:
     def loaded_model(self):
         """The model for its config, schedule and tokenizer (its weights stay unread)."""
         if self.model is None:
-            self.model = load_model(self.checkpoint, self.compvis_config, self.allow_pickle)
-            self.weights = use_ema_weights(self.model, self.options.use_ema)
+            self.model = self.fresh_model()
         return self.model
 
     def fresh_model(self):

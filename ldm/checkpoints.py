@@ -161,7 +161,7 @@ def map_safetensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def tensor_bytes(state: Mapping[str, Tensor]) -> int:
-    """Bytes of the distinct tensors in `state` (views of one storage counted once each)."""
+    """Bytes of the tensors in `state` (numel x element size, summed)."""
     return sum(t.numel() * t.element_size() for t in state.values())
 
 

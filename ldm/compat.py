@@ -21,10 +21,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from ldm.checkpoints import assign_state, check_keys, empty_weights, read_checkpoint
+from ldm.checkpoints import assign_state, empty_weights, read_checkpoint
 from ldm.config import (
     AutoencoderConfig,
     ConfigError,
@@ -156,9 +155,3 @@ def load_compvis(
         state = {k: v for k, v in state.items() if k != "lvlb_weights"}
     assign_state(model, state, str(checkpoint))
     return model.eval()
-
-
-def load_strict(model: torch.nn.Module, state: dict, name: str) -> None:
-    """load_state_dict(strict) (copying into the model's tensors), keys checked first."""
-    check_keys(model, state, name)
-    model.load_state_dict(state, strict=True)

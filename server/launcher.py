@@ -164,7 +164,9 @@ def resolve_checkpoint(args: argparse.Namespace) -> None:
     repository built from a user's model is never rebuilt from the demo), else the demo."""
     if args.checkpoint is not None:
         return
-    built = (_manifest(args.repository) or {}).get("checkpoint") or {}
+    from export.manifest import read_manifest  # light: json and hashlib only
+
+    built = (read_manifest(args.repository) or {}).get("checkpoint") or {}
     if built.get("path"):
         args.checkpoint = Path(built["path"])
         if args.compvis_config is None and built.get("compvis_config"):
@@ -172,15 +174,6 @@ def resolve_checkpoint(args: argparse.Namespace) -> None:
         log.info("serving %s, built from %s", args.repository, args.checkpoint)
     else:
         args.checkpoint = DEFAULT_CHECKPOINT
-
-
-def _manifest(repository: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads((repository / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_repository(args: argparse.Namespace) -> None:

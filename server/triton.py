@@ -277,12 +277,12 @@ def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
     """Wait until every process of group `pgid` has exited (zombies included: they have
     released their memory maps, so their shared-memory regions are free)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _live_in_group(pgid):
+    while time.monotonic() < deadline and _group_pids(pgid):
         time.sleep(0.05)
 
 
-def _group_pids(pgid: int, live_only: bool = True) -> list[int]:
-    """Processes of group `pgid` (zombies left out when `live_only`)."""
+def _group_pids(pgid: int) -> list[int]:
+    """Live processes of group `pgid` (zombies left out: they hold no memory maps)."""
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -291,13 +291,9 @@ def _group_pids(pgid: int, live_only: bool = True) -> list[int]:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and not (live_only and fields[0] == "Z"):
+        if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(d.name))
     return found
-
-
-def _live_in_group(pgid: int) -> bool:
-    return bool(_group_pids(pgid))
 
 
 def _die_with_parent() -> tuple[list[str], Callable[[], None] | None]:
