@@ -162,7 +162,7 @@ def test_cancelled_plain_request_stops_the_loop(server, client):
         time.sleep(0.05)
     call.cancel()
     last = settled_unet_calls(server, t0, limit=60, quiet=1.5)
-    assert last - before < 200
+    assert last - before < 200, last - before
     assert outcome and outcome[0] is not None  # the client got its cancellation
     raw.close()
     assert client.generate(PROMPT, steps=2).images.shape == (1, 16, 16, 3)
