@@ -1,9 +1,11 @@
-"""DDPM and text-to-image LatentDiffusion (Ho et al. 2020; Rombach et al. 2022).
+"""DDPM (Ho et al. 2020), the base of text-to-image LatentDiffusion (Rombach et al. 2022).
 
 Reproduces CompVis `ldm/models/diffusion/ddpm.py` for the cross-attention text-to-image path:
 same module nesting, parameter and buffer names (so CompVis checkpoints load with
 `load_state_dict(strict=True)`) and the same numerics. PyTorch-Lightning hooks, image logging,
 concat/hybrid conditioning and split-input (patch-wise) processing are left out.
+`LatentDiffusion` lives in `ldm.models.latent_diffusion` and is importable from here too; the
+schedule math is `ldm.models.schedule.schedule_arrays`.
 
 Symbols (Ho et al. 2020), with the buffer that holds them:
     beta_t                      betas
@@ -15,28 +17,32 @@ Symbols (Ho et al. 2020), with the buffer that holds them:
         beta_tilde_t            posterior_variance
         coef1, coef2            posterior_mean_coef1, posterior_mean_coef2
     eps                         the noise added by q_sample; the "eps" parameterisation predicts it
-
-Train one step (images in [-1, 1], shape (B, 3, H, W)):
-    loss, logs = ldm(images, captions, generator=torch.Generator().manual_seed(0))
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.config import DiffusionConfig, LDMConfig, UNetConfig
-from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.schedule import BETA_SCHEDULES, extract_into_tensor, make_beta_schedule
+from ldm.config import DiffusionConfig, UNetConfig
+from ldm.models.schedule import (
+    BETA_SCHEDULES,
+    extract_into_tensor,
+    make_beta_schedule,
+    schedule_arrays,
+    schedule_betas,
+)
 from ldm.modules.ema import LitEma
-from ldm.modules.text_encoder import BERTEmbedder
 from ldm.modules.unet import UNetModel
+
+if TYPE_CHECKING:
+    from ldm.models.latent_diffusion import LatentDiffusion
 
 __all__ = [
     "DDPM",
@@ -59,13 +65,15 @@ def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Standard normal noise of `shape`, drawn on the generator's device, returned on like's."""
+def draw_noise(shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """eps ~ N(0, I) of `shape`, drawn on the generator's device, returned on like's."""
     device = generator.device if generator is not None else like.device
     return torch.randn(tuple(shape), generator=generator, device=device).to(like)
 
 
-def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def draw_timesteps(
+    high: int, n: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """n timesteps uniform in [0, high), as a long tensor on `device`."""
     gen_device = generator.device if generator is not None else device
     return torch.randint(0, high, (n,), generator=generator, device=gen_device).to(device)
@@ -161,52 +169,29 @@ class DDPM(nn.Module):
         cosine_s: float = 8e-3,
     ) -> None:
         """Register the schedule buffers: computed in float64 numpy, stored as float32."""
-        if given_betas is not None:
-            betas = np.asarray(given_betas, dtype=np.float64)
-        else:
+        if given_betas is None:
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-            betas = make_beta_schedule(
-                beta_schedule, timesteps, linear_start, linear_end, cosine_s  # type: ignore[arg-type]
-            )
-        alphas = 1.0 - betas
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-
+        betas = schedule_betas(
+            given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s  # type: ignore[arg-type]
+        )
         self.num_timesteps = int(betas.shape[0])
         self.linear_start = linear_start
         self.linear_end = linear_end
-
-        def register(name: str, value: np.ndarray) -> None:
+        arrays = schedule_arrays(betas, self.v_posterior)
+        # Registered in CompVis's order, so the state-dict keys come in the same order.
+        for name, value in arrays.items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+        lvlb_weights = self._lvlb_weights(1.0 - betas, arrays["alphas_cumprod"])
+        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
+        if torch.isnan(self.lvlb_weights).all():
+            raise ValueError("lvlb_weights are all NaN: check the beta schedule")
 
-        register("betas", betas)
-        register("alphas_cumprod", alphas_cumprod)
-        register("alphas_cumprod_prev", alphas_cumprod_prev)
-        # q(x_t | x_0) and its inversion x_0 = x_t / sqrt(alpha_bar) - sqrt(1/alpha_bar - 1) eps
-        register("sqrt_alphas_cumprod", np.sqrt(alphas_cumprod))
-        register("sqrt_one_minus_alphas_cumprod", np.sqrt(1.0 - alphas_cumprod))
-        register("log_one_minus_alphas_cumprod", np.log(1.0 - alphas_cumprod))
-        register("sqrt_recip_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod))
-        register("sqrt_recipm1_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod - 1))
+    def _lvlb_weights(self, alphas: np.ndarray, alphas_cumprod: np.ndarray) -> Tensor:
+        """Weights that turn the simple loss into the VLB term L_{t-1} (Ho et al. eq. 12).
 
-        # q(x_{t-1} | x_t, x_0), Ho et al. eq. 7; the operation order is CompVis's (float64).
-        v = self.v_posterior
-        posterior_variance = (1 - v) * betas * (1.0 - alphas_cumprod_prev) / (
-            1.0 - alphas_cumprod
-        ) + v * betas
-        register("posterior_variance", posterior_variance)
-        # beta_tilde_0 = 0, so the log is clipped.
-        register("posterior_log_variance_clipped", np.log(np.maximum(posterior_variance, 1e-20)))
-        register(
-            "posterior_mean_coef1", betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        )
-        register(
-            "posterior_mean_coef2",
-            (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        )
-
-        # Weights that turn the simple loss into the VLB term L_{t-1} (Ho et al. eq. 12), in
-        # float32 from the float32 buffers as CompVis does.
+        alphas (alpha_t) and alphas_cumprod (alpha_bar_t) come in float64; the weights are
+        computed in float32 from the float32 buffers, as CompVis does.
+        """
         if self.parameterization == "eps":
             lvlb_weights = self.betas**2 / (
                 2
@@ -221,9 +206,7 @@ class DDPM(nn.Module):
             lvlb_weights = 0.5 * torch.from_numpy(np.sqrt(acp.numpy())) / (2.0 * 1 - acp)
         # L_0 is a decoder term, not a KL; CompVis reuses the weight of t=1 (beta_tilde_0 = 0).
         lvlb_weights[0] = lvlb_weights[1]
-        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
-        if torch.isnan(self.lvlb_weights).all():
-            raise ValueError("lvlb_weights are all NaN: check the beta schedule")
+        return lvlb_weights
 
     @property
     def device(self) -> torch.device:
@@ -341,7 +324,7 @@ class DDPM(nn.Module):
     ) -> Tensor:
         """One ancestral step x_t -> x_{t-1}; no noise is added where t == 0."""
         mean, _, log_variance = self.p_mean_variance(x, t, cond, clip_denoised)
-        noise = _randn(x.shape, generator, x)
+        noise = draw_noise(x.shape, generator, x)
         nonzero = (t != 0).to(x.dtype).reshape(x.shape[0], *((1,) * (x.dim() - 1)))
         return mean + nonzero * (0.5 * log_variance).exp() * noise
 
@@ -391,165 +374,16 @@ class DDPM(nn.Module):
         self, x: Tensor, cond: Cond = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss for clean x (B, C, H, W) at uniformly sampled timesteps and fresh noise."""
-        t = _randint(self.num_timesteps, x.shape[0], generator, x.device)
-        noise = _randn(x.shape, generator, x)
+        t = draw_timesteps(self.num_timesteps, x.shape[0], generator, x.device)
+        noise = draw_noise(x.shape, generator, x)
         return self.p_losses(x, t, cond, noise=noise)
 
 
-class LatentDiffusion(DDPM):
-    """Text-to-image latent diffusion: frozen KL autoencoder + BERT text encoder + UNet.
+def __getattr__(name: str) -> Any:
+    """`LatentDiffusion` on first access (PEP 562): latent_diffusion.py imports DDPM from here,
+    so importing it eagerly would make the two modules import each other."""
+    if name == "LatentDiffusion":
+        from ldm.models.latent_diffusion import LatentDiffusion
 
-    Submodules (CompVis names): `model.diffusion_model` (UNet), `model_ema`,
-    `first_stage_model` (AutoencoderKL, frozen, always in eval mode) and `cond_stage_model`
-    (BERTEmbedder, trained when `cond_stage_trainable`).
-    """
-
-    def __init__(self, cfg: LDMConfig):
-        d = cfg.diffusion
-        if d.num_timesteps_cond > 1:
-            # CompVis noises the conditioning on a short schedule here ("TODO: drop this option").
-            raise ValueError("num_timesteps_cond > 1 is not supported (use 1)")
-        super().__init__(d, cfg.unet)
-        self.config = cfg
-        self.num_timesteps_cond = d.num_timesteps_cond
-        self.shorten_cond_schedule = False
-        self.cond_stage_trainable = d.cond_stage_trainable
-        self.cond_stage_key = d.cond_stage_key
-        self.cond_drop_prob = d.cond_drop_prob
-        self.scale_by_std = d.scale_by_std
-        self.num_downs = len(cfg.first_stage.ddconfig.ch_mult) - 1
-        # A plain float unless it is estimated from data, in which case it is a checkpointed buffer.
-        self.scale_factor: float | Tensor
-        if d.scale_by_std:
-            self.register_buffer("scale_factor", torch.tensor(d.scale_factor))
-        else:
-            self.scale_factor = d.scale_factor
-
-        self.first_stage_model = AutoencoderKL(cfg.first_stage)
-        self.first_stage_model.requires_grad_(False)
-        if d.conditioning_key is not None:
-            self.cond_stage_model = BERTEmbedder(cfg.cond_stage)
-            if not self.cond_stage_trainable:
-                self.cond_stage_model.requires_grad_(False)
-        self.train(self.training)
-        # Latents are not bounded to [-1, 1], so x_0 predictions are never clipped.
-        self.clip_denoised = False
-
-    def train(self, mode: bool = True) -> LatentDiffusion:
-        """Like nn.Module.train, but frozen stages stay in eval mode (CompVis `disabled_train`)."""
-        super().train(mode)
-        self.first_stage_model.eval()
-        if self.cond_stage_model is not None and not self.cond_stage_trainable:
-            self.cond_stage_model.eval()
-        return self
-
-    # --- first stage (autoencoder) -------------------------------------------------------
-
-    @torch.no_grad()
-    def encode_first_stage(self, x: Tensor) -> Any:
-        """Images (B, 3, H, W) in [-1, 1] -> the autoencoder's posterior over latents."""
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(
-        self, encoder_posterior: Any, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Sample z ~ posterior (or take a given tensor) and scale it: scale_factor * z."""
-        if isinstance(encoder_posterior, Tensor):
-            z = encoder_posterior
-        else:
-            z = encoder_posterior.sample(generator=generator)
-        return self.scale_factor * z
-
-    @torch.no_grad()
-    def decode_first_stage(self, z: Tensor) -> Tensor:
-        """Latents (B, z_channels, h, w) -> images (B, 3, H, W): decode(z / scale_factor)."""
-        return self.differentiable_decode_first_stage(z)
-
-    def differentiable_decode_first_stage(self, z: Tensor) -> Tensor:
-        """`decode_first_stage` with gradients (CompVis name)."""
-        z = 1.0 / self.scale_factor * z
-        return self.first_stage_model.decode(z)
-
-    @torch.no_grad()
-    def set_scale_factor_from_batch(
-        self, x: Tensor, generator: torch.Generator | None = None
-    ) -> float:
-        """scale_factor = 1 / std of the latents of batch x (CompVis `on_train_batch_start`).
-
-        Call it on the very first training batch only, not when resuming from a checkpoint.
-        """
-        if not self.scale_by_std:
-            raise ValueError("set_scale_factor_from_batch needs diffusion.scale_by_std = true")
-        if float(self.scale_factor) != 1.0:
-            raise ValueError("scale_factor must be 1.0 before it is estimated from data")
-        z = self.get_first_stage_encoding(self.encode_first_stage(x), generator).detach()
-        self.scale_factor = 1.0 / z.flatten().std()
-        logger.info("set scale_factor to %.6f", float(self.scale_factor))
-        return float(self.scale_factor)
-
-    # --- conditioning (text) -------------------------------------------------------------
-
-    def get_learned_conditioning(self, c: list[str]) -> Tensor:
-        """Captions -> cross-attention context (B, max_seq_len, n_embed)."""
-        if self.cond_stage_model is None:
-            raise ValueError("this model is unconditional (conditioning_key is None)")
-        return self.cond_stage_model(c)
-
-    @torch.no_grad()
-    def encode_text_tokens(self, input_ids: Tensor) -> Tensor:
-        """Token ids (B, max_seq_len) -> context (B, max_seq_len, n_embed), no tokenizer."""
-        if self.cond_stage_model is None:
-            raise ValueError("this model is unconditional (conditioning_key is None)")
-        return self.cond_stage_model.embed_tokens(input_ids)
-
-    def drop_captions(
-        self, captions: Sequence[str], generator: torch.Generator | None = None
-    ) -> list[str]:
-        """Replace each caption by "" with probability cond_drop_prob, so one model learns both
-        p(x | c) and p(x) for classifier-free guidance (Ho & Salimans 2022)."""
-        if self.cond_drop_prob <= 0:
-            return list(captions)
-        device = generator.device if generator is not None else torch.device("cpu")
-        drop = torch.rand(len(captions), generator=generator, device=device) < self.cond_drop_prob
-        return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-
-    # --- training ------------------------------------------------------------------------
-
-    def forward(  # type: ignore[override]
-        self,
-        x: Tensor,
-        captions: Sequence[str] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss for images x (B, 3, H, W) in [-1, 1] with their captions.
-
-        Steps: 1. encode x to scaled latents z; 2. in training mode, drop captions to "" with
-        probability cond_drop_prob; 3. embed the captions (with gradients only when the text
-        encoder is trainable); 4. sample t and eps; 5. p_losses. All randomness comes from
-        `generator` when one is given.
-        """
-        z = self.get_first_stage_encoding(self.encode_first_stage(x), generator).detach()
-        cond = None
-        if self.model.conditioning_key is not None:
-            if captions is None:
-                raise ValueError("a conditional model needs captions")
-            if len(captions) != x.shape[0]:
-                raise ValueError(f"{len(captions)} captions for {x.shape[0]} images")
-            if self.training:
-                captions = self.drop_captions(captions, generator)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cond_stage_trainable):
-                cond = self.get_learned_conditioning(list(captions))
-        t = _randint(self.num_timesteps, z.shape[0], generator, z.device)
-        noise = _randn(z.shape, generator, z)
-        return self.p_losses(z, t, cond, noise=noise)
-
-    def shared_step(
-        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss for a data-loader batch {first_stage_key: (B, 3, H, W), cond_stage_key: [str]}.
-
-        Unlike CompVis (channels-last batches), our data sets yield channels-first images.
-        """
-        x = batch[self.first_stage_key].to(self.device, memory_format=torch.contiguous_format)
-        captions = batch[self.cond_stage_key] if self.model.conditioning_key else None
-        return self(x.float(), captions, generator)
+        return LatentDiffusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Beta schedules against closed forms written here in numpy (float64)."""
+"""Beta schedules against closed forms written here in numpy (float64), and `alphas_cumprod`
+against the buffer a DDPM registers."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.schedule import extract_into_tensor, make_beta_schedule
+from ldm.config import DiffusionConfig, UNetConfig
+from ldm.models.diffusion import DDPM
+from ldm.models.schedule import alphas_cumprod, extract_into_tensor, make_beta_schedule
 
 
 @pytest.mark.parametrize(
@@ -64,3 +67,33 @@ def test_extract_into_tensor_gathers_and_broadcasts() -> None:
     out = extract_into_tensor(a, t, torch.Size([3, 4, 5, 6]))
     assert out.shape == (3, 1, 1, 1)
     assert out.flatten().tolist() == [0.0, 1.5, 4.5]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"beta_schedule": "cosine", "timesteps": 50, "parameterization": "x0"},
+        {"beta_schedule": "sqrt_linear", "linear_start": 8.5e-4, "linear_end": 1.2e-2},
+        {"beta_schedule": "sqrt", "timesteps": 20, "v_posterior": 0.3},
+        {"given_betas": (0.1, 0.2, 0.3, 0.4)},
+    ],
+)
+def test_alphas_cumprod_of_a_config_is_the_ddpm_buffer(options: dict) -> None:
+    cfg = DiffusionConfig(conditioning_key=None, use_ema=False, **options)
+    unet = UNetConfig(
+        image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
+        attention_resolutions=(), channel_mult=(1,), num_head_channels=32,
+    )
+    model, ab = DDPM(cfg, unet), alphas_cumprod(cfg)
+    assert ab.dtype == np.float64 and ab.shape == (model.num_timesteps,)
+    assert torch.equal(model.alphas_cumprod, torch.tensor(ab, dtype=torch.float32))
+    # alpha_bar_t = prod_{s<=t} (1 - beta_s), written out here.
+    if cfg.given_betas is not None:
+        betas = np.asarray(cfg.given_betas)
+    else:
+        betas = make_beta_schedule(
+            cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end, cfg.cosine_s
+        )
+    np.testing.assert_allclose(ab, [np.prod(1 - betas[: t + 1]) for t in range(len(betas))],
+                               rtol=1e-12)
