@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,22 +114,39 @@ def _nan(obj):
     return obj
 
 
+Heading = Callable[[str], str]
+
+
 def render(result: dict, markdown: bool) -> str:
     """All tables of a result dict (the JSON written by bench.run, or read back)."""
     result = _nan(result)
-    meta = result["meta"]
     tgt = {t["name"]: Target(t["name"], t["description"], t["value"], t["limit"], t["kind"])
            for t in result["targets"]}
-    heading = (lambda s: f"\n### {s}\n") if markdown else (lambda s: f"\n{s}\n")
-    parts = [
+    heading: Heading = (lambda s: f"\n### {s}\n") if markdown else (lambda s: f"\n{s}\n")
+    return "\n".join([
+        _meta_line(result["meta"]),
+        *_e2e_section(result, tgt, heading, markdown),
+        *_load_section(result, tgt, heading, markdown),
+        *_step_section(result, heading, markdown),
+        *_params_section(result, heading, markdown),
+        *_verdict(result, tgt),
+    ])
+
+
+def _meta_line(meta: dict) -> str:
+    """What was measured, and how."""
+    return (
         f"Model: {meta['model']}; {meta['image_size']}x{meta['image_size']} images, "
         f"{meta['steps']} DDIM steps, guidance {meta['guidance_scale']:g} (CFG on); "
         f"{meta['threads']} thread(s) on {meta['cores']} usable core(s) ({meta['cpu']}); "
         f"median (p95) of {meta['repetitions']} repetitions after {meta['warmup']} warm-up, "
-        f"contenders interleaved round-robin.",
-    ]
+        f"contenders interleaved round-robin."
+    )
 
-    # 1-4: one request at a time
+
+def _e2e_section(result: dict, tgt: dict[str, Target], heading: Heading,
+                 markdown: bool) -> list[str]:
+    """Contenders 1-4: one request at a time."""
     triton = result["e2e"].get("triton_http", {}).get("median", math.nan)
     by_row = {"pytorch_eager": "triton_vs_pytorch_eager", "diffusers": "triton_vs_diffusers",
               "onnxruntime": "triton_vs_onnxruntime"}
@@ -141,11 +158,15 @@ def render(result: dict, markdown: bool) -> str:
         t = tgt.get(by_row.get(name, ""))
         rows.append([label, _f(s["median"] * 1e3), _f(s["p95"] * 1e3), _f(1 / s["median"], 2),
                      _f(ratio(triton, s["median"]), 2), t.limit_text if t else "", _met(t)])
-    parts.append(heading("End to end, one request at a time (1 image)"))
-    parts.append(table(["contender", "median ms", "p95 ms", "images/s", "Triton/this",
-                        "target", "met"], rows, markdown))
+    return [heading("End to end, one request at a time (1 image)"),
+            table(["contender", "median ms", "p95 ms", "images/s", "Triton/this",
+                   "target", "met"], rows, markdown)]
 
-    # 5: load
+
+def _load_section(result: dict, tgt: dict[str, Target], heading: Heading,
+                  markdown: bool) -> list[str]:
+    """Contender 5: Triton under 1..N concurrent clients."""
+    meta = result["meta"]
     rows = []
     load = {int(k): v for k, v in result["load"].items()}
     base = load.get(1, {}).get("images_per_s", math.nan)
@@ -158,14 +179,17 @@ def render(result: dict, markdown: bool) -> str:
                      _f(s["latency"]["p95"] * 1e3), str(s["errors"]),
                      _f(s["unet_avg_batch"], 2), _f(s["unet_requests_per_execution"], 2),
                      _f(s["unet_compute_ms_per_execution"], 2), t.limit_text if t else "", _met(t)])
-    parts.append(heading(f"Triton under load ({meta['requests_per_client']} request(s) per "
-                         f"client per repetition; ldm_txt2img instances: "
-                         f"{meta['pipeline_instances']})"))
-    parts.append(table(["load", "images/s", "x 1 client", "p50 ms", "p95 ms", "errors",
-                        "unet batch", "requests/exec", "unet ms/exec", "target", "met"],
-                       rows, markdown))
+    return [heading(f"Triton under load ({meta['requests_per_client']} request(s) per "
+                    f"client per repetition; ldm_txt2img instances: "
+                    f"{meta['pipeline_instances']})"),
+            table(["load", "images/s", "x 1 client", "p50 ms", "p95 ms", "errors",
+                   "unet batch", "requests/exec", "unet ms/exec", "target", "met"],
+                  rows, markdown)]
 
-    # UNet step
+
+def _step_section(result: dict, heading: Heading, markdown: bool) -> list[str]:
+    """One UNet step per runtime, against the machine's fp32 matmul peak."""
+    meta = result["meta"]
     peak = result["matmul_peak"]["gflops"]
     rows = []
     for name, label in STEP_LABELS.items():
@@ -176,16 +200,23 @@ def render(result: dict, markdown: bool) -> str:
         achieved = gflop / s["median"]
         rows.append([label, _f(s["median"] * 1e3, 2), _f(s["p95"] * 1e3, 2), _f(gflop, 3),
                      _f(achieved, 1), _f(100 * achieved / peak, 1)])
-    parts.append(heading(f"UNet step (CFG batch 2; fp32 matmul peak {peak:.1f} GFLOP/s with "
-                         f"{meta['threads']} thread(s), n={result['matmul_peak']['n']})"))
-    parts.append(table(["runtime", "ms/step", "p95 ms", "GFLOP/step", "GFLOP/s", "% of peak"],
-                       rows, markdown))
+    return [heading(f"UNet step (CFG batch 2; fp32 matmul peak {peak:.1f} GFLOP/s with "
+                    f"{meta['threads']} thread(s), n={result['matmul_peak']['n']})"),
+            table(["runtime", "ms/step", "p95 ms", "GFLOP/step", "GFLOP/s", "% of peak"],
+                  rows, markdown)]
 
+
+def _params_section(result: dict, heading: Heading, markdown: bool) -> list[str]:
+    """Parameter counts of our model and its diffusers twin."""
     rows = [[part, f"{c['ours']:,}", f"{c['diffusers']:,}", _f(c["diffusers"] / c["ours"], 3)]
             for part, c in result["params"].items()]
-    parts.append(heading("Parameters: ours vs the diffusers twin"))
-    parts.append(table(["part", "ours", "diffusers", "ratio"], rows, markdown))
+    return [heading("Parameters: ours vs the diffusers twin"),
+            table(["part", "ours", "diffusers", "ratio"], rows, markdown)]
 
+
+def _verdict(result: dict, tgt: dict[str, Target]) -> list[str]:
+    """The same-image check (when measured) and which targets were missed."""
+    parts = []
     agree = result.get("agreement", {})
     if agree:
         parts.append("\nSame image check (PSNR vs PyTorch eager, same prompt and seed; 100 = "
@@ -196,4 +227,4 @@ def render(result: dict, markdown: bool) -> str:
                                   "NOT met: " + ", ".join(f"{t.name} = {_f(t.value, 2)} "
                                                           f"(want {t.limit_text})"
                                                           for t in failed)))
-    return "\n".join(parts)
+    return parts

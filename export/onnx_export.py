@@ -63,51 +63,63 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    example = spec.sample_inputs(which=1, generator=torch.Generator().manual_seed(0))
     external = parameter_bytes(module) > external_data_threshold
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with attention_backend("math"), torch.no_grad(), warnings.catch_warnings():
-            # Tracer warnings (Python scalars baked in as constants) are expected here.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(
-                module,
-                tuple(example.values()),
-                str(raw),
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                dynamic_axes=spec.dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        # torch writes one file per tensor for > 2 GiB models: gather them into one data file
-        # (streamed, never the whole model in memory); below the threshold, one piece.
-        staged = Path(tmp) / "out"
-        staged.mkdir()
-        proto = onnx.load(str(raw), load_external_data=False)
-        proto.doc_string = f"ldm export: {spec.name}"
-        _name_dims(proto.graph, spec)
-        if _has_external(proto):
-            _gather_external_data(proto, Path(tmp), staged / EXTERNAL_DATA_NAME)
-            onnx.save_model(proto, str(staged / "model.onnx"))
-        elif external:
-            onnx.load_external_data_for_model(proto, str(tmp))
-            onnx.save_model(proto, str(staged / "model.onnx"), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
-                            size_threshold=1024)
-        else:
-            onnx.save_model(proto, str(staged / "model.onnx"))
-        del proto
+        _trace(module, spec, raw, opset)
+        staged = _stage(raw, spec, external)
         # A path (not a proto) so the checker also reads models beyond 2 GiB.
-        onnx.checker.check_model(str(staged / "model.onnx"), full_check=True)
-        _check_io(staged / "model.onnx", spec)
-        for f in staged.iterdir():
+        onnx.checker.check_model(str(staged), full_check=True)
+        _check_io(staged, spec)
+        for f in staged.parent.iterdir():
             target = path if f.name == "model.onnx" else path.parent / f.name
             shutil.move(str(f), target)
     log.info("exported %s -> %s%s", spec.name, path, " (+ external data)" if external else "")
     return path
+
+
+def _trace(module: nn.Module, spec: ExportSpec, raw: Path, opset: int) -> None:
+    """torch.onnx.export of `module` on the spec's batch-1 sample inputs, into `raw`."""
+    example = spec.sample_inputs(which=1, generator=torch.Generator().manual_seed(0))
+    with attention_backend("math"), torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings (Python scalars baked in as constants) are expected here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            module,
+            tuple(example.values()),
+            str(raw),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _stage(raw: Path, spec: ExportSpec, external: bool) -> Path:
+    """Write the traced `raw` model as `out/model.onnx` beside it, with the spec's dim names
+    and, when `external`, its weights in `out/model.onnx.data`. Returns out/model.onnx."""
+    tmp = raw.parent
+    # torch writes one file per tensor for > 2 GiB models: gather them into one data file
+    # (streamed, never the whole model in memory); below the threshold, one piece.
+    staged = tmp / "out"
+    staged.mkdir()
+    proto = onnx.load(str(raw), load_external_data=False)
+    proto.doc_string = f"ldm export: {spec.name}"
+    _name_dims(proto.graph, spec)
+    if _has_external(proto):
+        _gather_external_data(proto, tmp, staged / EXTERNAL_DATA_NAME)
+        onnx.save_model(proto, str(staged / "model.onnx"))
+    elif external:
+        onnx.load_external_data_for_model(proto, str(tmp))
+        onnx.save_model(proto, str(staged / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
+                        size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(staged / "model.onnx"))
+    return staged / "model.onnx"
 
 
 # Tensors start on page boundaries in the data file, so runtimes can map them in place.

@@ -26,7 +26,6 @@ to feed Prometheus counters.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,20 +44,22 @@ NETWORK_METRICS: dict[str, str] = {
     "ldm_network_calls_total": "request calls those runs merged",
     "ldm_network_compute_us_total": "microseconds those runs took",
 }
-_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)')
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def parse_network_metrics(text: str) -> dict[tuple[str, str], dict[str, float]]:
     """{(model, network): {metric: value}} of the NETWORK_METRICS in a /metrics page."""
+    # Imported here: this module also runs inside the pipeline models, which never parse a page.
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[tuple[str, str], dict[str, float]] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m is None or m.group(1) not in NETWORK_METRICS:
-            continue
-        labels = dict(_LABEL.findall(m.group(2)))
-        key = (labels.get("model", ""), labels.get("network", ""))
-        out.setdefault(key, {})[m.group(1)] = float(m.group(3))
+    for family in text_string_to_metric_families(text):
+        # A counter's family is named without "_total" but its samples keep it, as do the keys
+        # of NETWORK_METRICS: match sample names.
+        for sample in family.samples:
+            if sample.name not in NETWORK_METRICS:
+                continue
+            key = (sample.labels.get("model", ""), sample.labels.get("network", ""))
+            out.setdefault(key, {})[sample.name] = float(sample.value)
     return out
 
 

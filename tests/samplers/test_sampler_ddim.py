@@ -8,31 +8,6 @@ from ldm.samplers import cfg_denoiser, ddim_schedule, ddim_timesteps, sample_ddi
 T = 1000
 
 
-def model_alphas_cumprod() -> torch.Tensor:
-    """CompVis LDM "linear" schedule (0.00085..0.012), registered as a float32 buffer."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
-
-
-class TinyUNet:
-    """A random nonlinear stand-in for the UNet: conv + timestep features + pooled context."""
-
-    def __init__(self, channels: int = 3, context_dim: int = 5, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        self.w = 0.3 * torch.randn(channels, channels, 3, 3, generator=g)
-        self.wt = 0.3 * torch.randn(8, channels, generator=g)
-        self.wc = 0.3 * torch.randn(context_dim, channels, generator=g)
-        self.freqs = torch.rand(8, generator=g) / 100
-        self.batches: list[int] = []
-
-    def __call__(self, x, t, context):
-        self.batches.append(x.shape[0])
-        h = torch.tanh(torch.nn.functional.conv2d(x, self.w, padding=1))
-        temb = torch.sin(t[:, None].float() * self.freqs) @ self.wt
-        cemb = context.mean(1) @ self.wc
-        return h + (temb + cemb)[:, :, None, None]
-
-
 def compvis_ddim(unet, cond, uncond, scale, x_T, alphas_cumprod, S, eta, noise):
     """DDIMSampler.make_schedule + ddim_sampling + p_sample_ddim, written out as CompVis does."""
     c = T // S
@@ -100,8 +75,8 @@ def test_ddim_timesteps_where_compvis_overflows():
         ddim_timesteps(1000, 0)
 
 
-def test_ddim_schedule_sigmas_closed_form():
-    ac = model_alphas_cumprod().double()
+def test_ddim_schedule_sigmas_closed_form(model_alphas_cumprod):
+    ac = model_alphas_cumprod.double()
     sched = ddim_schedule(ac, 10, eta=0.7)
     t = [1 + 100 * k for k in range(10)]
     a, ap = ac[t], torch.cat([ac[:1], ac[t[:-1]]])
@@ -113,9 +88,9 @@ def test_ddim_schedule_sigmas_closed_form():
 
 
 @pytest.mark.parametrize("steps", [50, 7])
-def test_ddim_eta0_equals_compvis(steps):
-    ac = model_alphas_cumprod()
-    unet = TinyUNet()
+def test_ddim_eta0_equals_compvis(steps, model_alphas_cumprod, make_unet):
+    ac = model_alphas_cumprod
+    unet = make_unet(seed=1)
     x_T, cond, uncond = _inputs()
     eps_fn = cfg_denoiser(unet, cond, uncond, guidance_scale=4.0)
     ours = sample_ddim(eps_fn, x_T, ac, steps, eta=0.0)
@@ -124,9 +99,9 @@ def test_ddim_eta0_equals_compvis(steps):
     assert ours.abs().max() > 0.1  # not a degenerate all-zero comparison
 
 
-def test_ddim_eta_positive_uses_only_the_generator():
-    ac = model_alphas_cumprod()
-    unet = TinyUNet()
+def test_ddim_eta_positive_uses_only_the_generator(model_alphas_cumprod, make_unet):
+    ac = model_alphas_cumprod
+    unet = make_unet(seed=1)
     x_T, cond, uncond = _inputs()
     eps_fn = cfg_denoiser(unet, cond, uncond, guidance_scale=2.0)
 
@@ -145,8 +120,8 @@ def test_ddim_eta_positive_uses_only_the_generator():
     torch.testing.assert_close(a, ref, rtol=0, atol=1e-6)
 
 
-def test_ddim_callback_once_per_step_in_order():
-    ac = model_alphas_cumprod()
+def test_ddim_callback_once_per_step_in_order(model_alphas_cumprod, make_unet):
+    ac = model_alphas_cumprod
     x_T, cond, _ = _inputs()
     seen = []
 
@@ -154,14 +129,14 @@ def test_ddim_callback_once_per_step_in_order():
         assert x.shape == pred_x0.shape == x_T.shape
         seen.append((i, total))
 
-    sample_ddim(cfg_denoiser(TinyUNet(), cond), x_T, ac, 8, callback=callback)
+    sample_ddim(cfg_denoiser(make_unet(seed=1), cond), x_T, ac, 8, callback=callback)
     assert seen == [(i, 8) for i in range(8)]
 
 
-def test_ddim_callback_can_cancel():
-    ac = model_alphas_cumprod()
+def test_ddim_callback_can_cancel(model_alphas_cumprod, make_unet):
+    ac = model_alphas_cumprod
     x_T, cond, _ = _inputs()
-    unet = TinyUNet()
+    unet = make_unet(seed=1)
 
     def callback(i, total, x, pred_x0):
         if i == 2:

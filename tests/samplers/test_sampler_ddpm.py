@@ -6,11 +6,6 @@ import torch
 from ldm.samplers import ddpm_timesteps, sample_ddpm
 
 
-def linear_betas(T: int) -> np.ndarray:
-    """CompVis make_beta_schedule("linear", T, 0.00085, 0.012), float64."""
-    return np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
-
-
 def compvis_p_sample_loop(eps_model, x_T, betas, noise, clip_denoised, v_posterior=0.0):
     """DDPM.register_schedule buffers + LatentDiffusion.p_sample_loop / p_sample, eps model."""
     to_torch = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
@@ -41,7 +36,7 @@ def _eps_model(x, t):
 
 
 @pytest.mark.parametrize("clip, v", [(False, 0.0), (True, 0.0), (False, 0.3)])
-def test_full_chain_equals_compvis(clip, v):
+def test_full_chain_equals_compvis(clip, v, linear_betas):
     T = 40
     betas = linear_betas(T)
     ac = torch.tensor(np.cumprod(1 - betas), dtype=torch.float64)
@@ -107,18 +102,12 @@ def test_callback_once_per_step():
     assert seen == [(i, 7) for i in range(7)]
 
 
-def test_gaussian_data_statistics():
-    # Data N(mu, s^2) per channel; the exact eps is E[eps | x_t] = sigma (x_t - alpha mu) /
-    # (alpha^2 s^2 + sigma^2). Ancestral sampling should then reproduce mean and std.
+def test_gaussian_data_statistics(abar, gaussian_data):
+    # Data N(mu, s^2) per channel, sampled with its exact eps: ancestral sampling should then
+    # reproduce mean and std.
     T = 1000
-    abar = torch.tensor(np.cumprod(1 - linear_betas(T)), dtype=torch.float64)
-    mu = torch.tensor([0.5, -1.0, 0.2, 1.5], dtype=torch.float64).view(1, 4, 1, 1)
-    s = torch.tensor([0.3, 0.8, 1.2, 0.5], dtype=torch.float64).view(1, 4, 1, 1)
-
-    def eps_fn(x, t):
-        a = abar[t].view(-1, 1, 1, 1)
-        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
-
+    mu, s = gaussian_data.mu, gaussian_data.s
+    eps_fn = gaussian_data.eps_fn(abar)
     n = 2000
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(n, 4, 1, 1, generator=g, dtype=torch.float64)

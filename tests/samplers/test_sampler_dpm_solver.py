@@ -8,11 +8,6 @@ from ldm.samplers.dpm_solver import _strictly_decreasing
 T = 1000
 
 
-def abar_linear() -> torch.Tensor:
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
-
-
 def _eps_model(x, t):
     """Smooth, nonlinear, t-dependent stand-in for a UNet."""
     return torch.tanh(0.7 * x + torch.sin(t[:, None, None, None].double() / 150))
@@ -40,21 +35,20 @@ def kdiffusion_dpmpp_2m(eps_fn, x_T, abar, timesteps):
     return x * alpha[-1]
 
 
-def test_time_uniform_grid():
-    grid = dpm_solver_timesteps(abar_linear(), 10, "time_uniform")
+def test_time_uniform_grid(abar):
+    grid = dpm_solver_timesteps(abar, 10, "time_uniform")
     assert grid.tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100, 0]
 
 
 @pytest.mark.parametrize("steps", [1, 5, 10, 25, 100, 500, 999])
-def test_logsnr_grid_is_strictly_decreasing_from_T_minus_1_to_0(steps):
-    grid = dpm_solver_timesteps(abar_linear(), steps)
+def test_logsnr_grid_is_strictly_decreasing_from_T_minus_1_to_0(steps, abar):
+    grid = dpm_solver_timesteps(abar, steps)
     assert grid.dtype == torch.int64 and grid.shape == (steps + 1,)
     assert grid[0] == T - 1 and grid[-1] == 0
     assert (grid[:-1] > grid[1:]).all()
 
 
-def test_logsnr_grid_has_equal_steps_in_lambda():
-    abar = abar_linear()
+def test_logsnr_grid_has_equal_steps_in_lambda(abar):
     lam = 0.5 * (abar / (1 - abar)).log()
     h = lam[dpm_solver_timesteps(abar, 10)].diff()
     target = (lam[0] - lam[-1]) / 10
@@ -68,17 +62,16 @@ def test_strictly_decreasing_repair():
     assert _strictly_decreasing(torch.tensor([9, 9, 0]), 10).tolist() == [9, 8, 0]
 
 
-def test_bad_arguments():
+def test_bad_arguments(abar):
     with pytest.raises(ValueError, match="logsnr, time_uniform"):
-        dpm_solver_timesteps(abar_linear(), 10, "karras")
+        dpm_solver_timesteps(abar, 10, "karras")
     with pytest.raises(ValueError, match="steps"):
-        dpm_solver_timesteps(abar_linear(), 1000)
+        dpm_solver_timesteps(abar, 1000)
 
 
-def test_one_step_is_ddim():
+def test_one_step_is_ddim(abar):
     # DPM-Solver++(1) from t = T-1 to 0 is the DDIM step
     # x_0 = sqrt(abar_0) pred_x0 + sqrt(1 - abar_0) eps.
-    abar = abar_linear()
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     out = sample_dpmpp_2m(_eps_model, x, abar, 1)
     eps = _eps_model(x, torch.full((2,), T - 1))
@@ -89,8 +82,7 @@ def test_one_step_is_ddim():
 
 
 @pytest.mark.parametrize("steps, discretization", [(20, "logsnr"), (8, "time_uniform")])
-def test_equals_kdiffusion_form(steps, discretization):
-    abar = abar_linear()
+def test_equals_kdiffusion_form(steps, discretization, abar):
     x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ours = sample_dpmpp_2m(_eps_model, x_T, abar, steps, lower_order_final=False,
                            discretization=discretization)
@@ -99,10 +91,9 @@ def test_equals_kdiffusion_form(steps, discretization):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_lower_order_final_below_15_steps():
+def test_lower_order_final_below_15_steps(abar):
     # With lower_order_final the last of fewer than 15 steps is first order: it equals the
     # second-order run up to the last step, followed by a DDIM step.
-    abar = abar_linear()
     x_T = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     states = []
     lof = sample_dpmpp_2m(_eps_model, x_T, abar, 6,
@@ -120,8 +111,7 @@ def test_lower_order_final_below_15_steps():
                        sample_dpmpp_2m(_eps_model, x_T, abar, 15, lower_order_final=False))
 
 
-def test_callback_and_unet_calls():
-    abar = abar_linear()
+def test_callback_and_unet_calls(abar):
     calls, seen = [], []
 
     def eps_fn(x, t):

@@ -8,31 +8,6 @@ from ldm.samplers import cfg_denoiser, sample_plms
 T = 1000
 
 
-def model_alphas_cumprod() -> torch.Tensor:
-    """CompVis LDM "linear" schedule (0.00085..0.012), registered as a float32 buffer."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
-
-
-class CountingUNet:
-    """Random nonlinear stand-in for the UNet that records the timesteps it is called with."""
-
-    def __init__(self, channels: int = 3, context_dim: int = 5, seed: int = 2):
-        g = torch.Generator().manual_seed(seed)
-        self.w = 0.3 * torch.randn(channels, channels, 3, 3, generator=g)
-        self.wt = 0.3 * torch.randn(8, channels, generator=g)
-        self.wc = 0.3 * torch.randn(context_dim, channels, generator=g)
-        self.freqs = torch.rand(8, generator=g) / 100
-        self.timesteps: list[int] = []
-
-    def __call__(self, x, t, context):
-        self.timesteps.append(int(t[0]))
-        h = torch.tanh(torch.nn.functional.conv2d(x, self.w, padding=1))
-        temb = torch.sin(t[:, None].float() * self.freqs) @ self.wt
-        cemb = context.mean(1) @ self.wc
-        return h + (temb + cemb)[:, :, None, None]
-
-
 def compvis_plms(unet, cond, uncond, scale, x_T, alphas_cumprod, S):
     """PLMSSampler.make_schedule + plms_sampling + p_sample_plms (eta = 0), as CompVis writes it."""
     c = T // S
@@ -91,40 +66,40 @@ def _inputs(batch=2):
 
 
 @pytest.mark.parametrize("steps", [50, 6, 1])
-def test_plms_equals_compvis(steps):
-    ac = model_alphas_cumprod()
+def test_plms_equals_compvis(steps, model_alphas_cumprod, make_unet):
+    ac = model_alphas_cumprod
     x_T, cond, uncond = _inputs()
-    unet = CountingUNet()
+    unet = make_unet(seed=2)
     ours = sample_plms(cfg_denoiser(unet, cond, uncond, 3.0), x_T, ac, steps)
-    ref_unet = CountingUNet()
+    ref_unet = make_unet(seed=2)
     ref = compvis_plms(ref_unet, cond, uncond.expand_as(cond), 3.0, x_T, ac, steps)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     assert unet.timesteps == ref_unet.timesteps
 
 
-def test_plms_unet_calls():
+def test_plms_unet_calls(model_alphas_cumprod, make_unet):
     # S steps, S + 1 UNet calls: the first step evaluates again at the next timestep.
-    ac = model_alphas_cumprod()
+    ac = model_alphas_cumprod
     x_T, cond, _ = _inputs()
-    unet = CountingUNet()
+    unet = make_unet(seed=2)
     sample_plms(cfg_denoiser(unet, cond), x_T, ac, 5)
     assert unet.timesteps == [801, 601, 601, 401, 201, 1]
 
 
-def test_plms_rejects_eta():
+def test_plms_rejects_eta(model_alphas_cumprod):
     with pytest.raises(ValueError, match="eta must be 0"):
-        sample_plms(lambda x, t: x, torch.zeros(1, 1, 2, 2), model_alphas_cumprod(), 5, eta=0.5)
+        sample_plms(lambda x, t: x, torch.zeros(1, 1, 2, 2), model_alphas_cumprod, 5, eta=0.5)
 
 
-def test_plms_callback_once_per_step_in_order():
-    ac = model_alphas_cumprod()
+def test_plms_callback_once_per_step_in_order(model_alphas_cumprod, make_unet):
+    ac = model_alphas_cumprod
     x_T, cond, _ = _inputs()
     seen = []
-    sample_plms(cfg_denoiser(CountingUNet(), cond), x_T, ac, 8,
+    sample_plms(cfg_denoiser(make_unet(seed=2), cond), x_T, ac, 8,
                 callback=lambda i, total, x, pred_x0: seen.append((i, total)))
     assert seen == [(i, 8) for i in range(8)]
     # 1000 // 7 = 142 gives 8 CompVis timesteps; total reports the steps actually taken.
     seen.clear()
-    sample_plms(cfg_denoiser(CountingUNet(), cond), x_T, ac, 7,
+    sample_plms(cfg_denoiser(make_unet(seed=2), cond), x_T, ac, 7,
                 callback=lambda i, total, x, pred_x0: seen.append((i, total)))
     assert seen == [(i, 8) for i in range(8)]

@@ -33,9 +33,7 @@ def test_unknown_name_lists_allowed():
 
 
 @pytest.mark.parametrize("name", ["ddim", "plms", "dpmpp_2m", "ddpm"])
-def test_shared_signature(name):
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)  # float32, as the model's buffer
+def test_shared_signature(name, model_alphas_cumprod):
     cond, uncond = torch.randn(2, 3, 4), torch.zeros(1, 3, 4)
 
     def unet(x, t, c):
@@ -46,7 +44,7 @@ def test_shared_signature(name):
     steps_seen = []
     state = torch.get_rng_state()
     out = get_sampler(name)(
-        eps_fn, x_T, alphas_cumprod, 10,
+        eps_fn, x_T, model_alphas_cumprod, 10,
         generator=torch.Generator().manual_seed(0),
         callback=lambda i, n, x, x0: steps_seen.append((i, n, x.shape, x0.shape)),
     )
