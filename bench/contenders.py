@@ -92,9 +92,9 @@ class OrtService:
 
     def __init__(self, model, repository: Path, specs: dict, threads: int, steps: int,
                  guidance_scale: float, image_size: int):
+        from server.contract import PipelineInfo, ServingOptions
         from server.networks import onnx_function
-        from server.repository import pipeline_info
-        from server.txt2img import ServingOptions, Txt2ImgService
+        from server.txt2img import Txt2ImgService
 
         # The functions the served pipeline opens with networks: onnxruntime.
         fns = {name: onnx_function(repository_onnx(repository, name),
@@ -103,13 +103,14 @@ class OrtService:
                for name in ("text_encoder", "unet", "vae_decoder")}
         self.unet_step = fns["unet"]  # (x, t, c) -> noise_pred: the step contender
         self.service = Txt2ImgService(
-            pipeline_info(model, specs), model.alphas_cumprod.numpy(),
+            PipelineInfo.load(repository / "ldm_txt2img_stream" / "1"),
+            model.alphas_cumprod.numpy(),
             model.cond_stage_model.tknz_fn, fns["text_encoder"], fns["unet"],
             fns["vae_decoder"], ServingOptions(preview="none"))
         self.steps, self.guidance_scale, self.image_size = steps, guidance_scale, image_size
 
     def __call__(self, prompt: str, seed: int) -> np.ndarray:
-        from server.limits import GenerationRequest
+        from server.contract import GenerationRequest
 
         req = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE_PROMPT,
                                 steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,

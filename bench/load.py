@@ -148,3 +148,26 @@ def burst(url: str, clients: int, per_client: int,
         errs = list(errors) + [f"request unfinished after {timeout * per_client:.0f} s"] * max(
             0, unfinished)
         return Burst(clients, wall, sum(images), [x for lat in latencies for x in lat], errs)
+
+
+def load_summary(bursts: list, per_client: int) -> dict:
+    from bench.report import summary
+
+    latencies = [x for b in bursts for x in b.latencies_s]
+    stats = sum((b.unet for b in bursts), UNetStats(0, 0, 0, 0, {}))
+    ex = stats.executions
+    return {
+        "images_per_s": summary([b.images_per_s for b in bursts])["median"],
+        "images_per_s_overall": (sum(b.images for b in bursts)
+                                 / max(1e-9, sum(b.wall_s for b in bursts))),
+        "bursts": len(bursts),
+        "requests_per_client": per_client,
+        "latency": summary(latencies),
+        "errors": sum(len(b.errors) for b in bursts),
+        "error_examples": sorted({e for b in bursts for e in b.errors})[:5],
+        "unet_executions": ex,
+        "unet_avg_batch": stats.inferences / ex if ex else float("nan"),
+        "unet_requests_per_execution": stats.requests / ex if ex else float("nan"),
+        "unet_batch_histogram": {str(k): v for k, v in sorted(stats.batches.items()) if v},
+        "unet_compute_ms_per_execution": stats.compute_ns / ex / 1e6 if ex else float("nan"),
+    }

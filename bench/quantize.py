@@ -19,7 +19,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +30,10 @@ if __package__ in (None, ""):  # run as a script: import from the project root
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.run import DEFAULT_WORK, PROMPTS  # noqa: E402
+
+if TYPE_CHECKING:
+    from ldm.modules.text_encoder import BERTTokenizer
+    from server.contract import PipelineInfo
 
 VARIANTS = {"fp32 (served)": None, "int8 MatMul": ["MatMul"],
             "int8 MatMul+Conv": ["MatMul", "Conv"]}
@@ -53,7 +60,8 @@ def step_ms(session, batch: int, latent: tuple[int, int, int], context: tuple[in
     return statistics.median(times) * 1000
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; exits with a usage error when the bench repository is missing."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
                    help="the bench's work folder (model_repository, export/onnx)")
@@ -61,71 +69,118 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetitions", type=int, default=30)
     p.add_argument("--images", type=int, default=4, help="requests compared per variant")
     args = p.parse_args(argv)
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from export.ort import make_session, optimize_for_cpu
-    from ldm.modules.text_encoder import BERTTokenizer
-    from server.limits import GenerationRequest
-    from server.networks import onnx_function
-    from server.repository import read_pipeline_config
-    from server.txt2img import (
-        ALPHAS_FILE,
-        TOKENIZER_DIR,
-        PipelineInfo,
-        ServingOptions,
-        Txt2ImgService,
-    )
-
     repo = args.work_dir / "model_repository"
     if not (repo / "manifest.json").is_file() or not (repo / "ldm_txt2img").is_dir():
         p.error(f"{args.work_dir}: no bench repository; run `python -m bench` first")
-    # The un-optimised export of the served UNet (export/repository.py caches it by key).
-    key = json.loads((repo / "manifest.json").read_text())["models"]["unet"]["onnx_key"]
-    raw = args.work_dir / "export" / "onnx" / f"unet-{key[:16]}" / "model.onnx"
+    return args
+
+
+@dataclass(frozen=True)
+class Served:
+    """What every variant shares: the served pipeline's text encoder, VAE decoder and shapes."""
+
+    version: Path  # the ldm_txt2img model's version folder
+    info: PipelineInfo
+    tokenizer: BERTTokenizer
+    nets: dict[str, Callable[..., np.ndarray]]  # "text_encoder", "vae_decoder"
+    context: tuple[int, ...]  # (tokens, width) of one prompt's context
+    size: int  # image side in pixels
+    latent: tuple[int, int, int]  # (channels, side, side) of one latent
+    threads: int | None
+
+
+def load_served(repo: Path, threads: int | None) -> Served:
+    """Load the bench repository's pipeline pieces that no variant changes."""
+    from ldm.modules.text_encoder import BERTTokenizer
+    from server.contract import TOKENIZER_DIR, PipelineInfo
+    from server.networks import onnx_function
+    from server.repository import read_pipeline_config
+
     version = repo / "ldm_txt2img" / "1"
     info = PipelineInfo.load(version)
-    threads = args.threads or None
     tokenizer = BERTTokenizer(version / TOKENIZER_DIR, max_length=info.max_seq_len)
-    nets = {n: onnx_function(repo / getattr(info, n)["onnx"], getattr(info, n)["inputs"],
-                             getattr(info, n)["output"], threads)
+    nets = {n: onnx_function(repo / info.target(n).onnx, info.target(n).inputs,
+                             info.target(n).output, threads)
             for n in ("text_encoder", "vae_decoder")}
     context = nets["text_encoder"](np.zeros((1, info.max_seq_len), np.int64)).shape[1:]
     # The trained latent size: the default image size of the served model.
     size = read_pipeline_config(repo / "ldm_txt2img")[0].default_size
     side = size // info.downsample_factor
-    latent = (info.latent_channels, side, side)
-    rows, images = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, ops in VARIANTS.items():
-            path = repo / info.unet["onnx"]
-            if ops is not None:
-                quantized = Path(tmp) / f"{len(rows)}.onnx"
-                quantize_dynamic(str(raw), str(quantized), weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=ops)
-                path = Path(tmp) / f"{len(rows)}_cpu.onnx"
-                optimize_for_cpu(quantized, path)
-            session = make_session(path, threads)
-            ms = [step_ms(session, b, latent, context, args.repetitions) for b in (2, 16)]
-            unet = onnx_function(path, info.unet["inputs"], info.unet["output"], threads)
-            service = Txt2ImgService(info, np.load(version / ALPHAS_FILE), tokenizer,
-                                     nets["text_encoder"], unet, nets["vae_decoder"],
-                                     ServingOptions(preview="none"))
-            images[name] = np.concatenate([service.generate(GenerationRequest(
-                prompt=PROMPTS[i % len(PROMPTS)], steps=25, guidance_scale=5.0, seed=i,
-                height=size, width=size)).images for i in range(args.images)])
-            rows.append((name, *ms))
+    return Served(version, info, tokenizer, nets, context, size,
+                  (info.latent_channels, side, side), threads)
+
+
+def variant_graph(raw: Path, served: Path, ops: list[str] | None, tmp: Path, index: int) -> Path:
+    """The UNet graph of one variant: the served one, or `raw` with `ops` quantized to int8
+    and then CPU-optimised like the served graph (written under tmp, named by index)."""
+    if ops is None:
+        return served
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from export.ort import optimize_for_cpu
+
+    quantized = tmp / f"{index}.onnx"
+    quantize_dynamic(str(raw), str(quantized), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=ops)
+    path = tmp / f"{index}_cpu.onnx"
+    optimize_for_cpu(quantized, path)
+    return path
+
+
+def measure_variant(served: Served, unet_path: Path, repetitions: int,
+                    n_images: int) -> tuple[list[float], np.ndarray]:
+    """UNet ms per call at batch 2 and 16, and the images of n_images guided requests."""
+    from export.ort import make_session
+    from server.contract import ALPHAS_FILE, GenerationRequest, ServingOptions
+    from server.networks import onnx_function
+    from server.txt2img import Txt2ImgService
+
+    info, threads, size = served.info, served.threads, served.size
+    session = make_session(unet_path, threads)
+    ms = [step_ms(session, b, served.latent, served.context, repetitions) for b in (2, 16)]
+    unet = onnx_function(unet_path, info.unet.inputs, info.unet.output, threads)
+    service = Txt2ImgService(info, np.load(served.version / ALPHAS_FILE), served.tokenizer,
+                             served.nets["text_encoder"], unet, served.nets["vae_decoder"],
+                             ServingOptions(preview="none"))
+    # Every field set, as the service needs (the served defaults: no negative prompt, DDIM).
+    images = np.concatenate([service.generate(GenerationRequest(
+        prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="", steps=25, guidance_scale=5.0,
+        seed=i, sampler="ddim", num_images=1, height=size, width=size)).images
+        for i in range(n_images)])
+    return ms, images
+
+
+def print_table(rows: list[tuple[str, float, float]], images: dict[str, np.ndarray],
+                threads: int | None, size: int, n_images: int) -> None:
+    """The markdown table: speed per variant, and its images against fp32's."""
     base = images["fp32 (served)"]
     print(f"UNet int8 dynamic quantization ({threads or 'all'} threads, {size}x{size} images, "
-          f"{args.images} requests of 25 guided DDIM steps)\n")
+          f"{n_images} requests of 25 guided DDIM steps)\n")
     print("| variant | ms/call batch 2 | ms/call batch 16 | vs fp32 (16) | PSNR vs fp32 | "
           "max diff |\n|---|---:|---:|---:|---:|---:|")
     for name, ms2, ms16 in rows:
         diff = int(np.abs(images[name].astype(int) - base.astype(int)).max())
         print(f"| {name} | {ms2:.2f} | {ms16:.2f} | {ms16 / rows[0][2]:.2f}x | "
               f"{psnr(images[name], base):.1f} dB | {diff} |")
-    return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    repo = args.work_dir / "model_repository"
+    # The un-optimised export of the served UNet (export/repository.py caches it by key).
+    key = json.loads((repo / "manifest.json").read_text())["models"]["unet"]["onnx_key"]
+    raw = args.work_dir / "export" / "onnx" / f"unet-{key[:16]}" / "model.onnx"
+    threads = args.threads or None
+    served = load_served(repo, threads)
+    rows: list[tuple[str, float, float]] = []
+    images: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ops in VARIANTS.items():
+            path = variant_graph(raw, repo / served.info.unet.onnx, ops, Path(tmp), len(rows))
+            ms, images[name] = measure_variant(served, path, args.repetitions, args.images)
+            rows.append((name, *ms))
+    print_table(rows, images, threads, served.size, args.images)
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

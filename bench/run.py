@@ -18,12 +18,10 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import from the project root
@@ -187,17 +185,13 @@ def build_served_repository(args, model, folder: Path, threads: int):
     log.info("repository %s: %s", out, "up to date" if report.up_to_date
              else "rebuilt " + ", ".join(report.rebuilt))
     specs = build_specs(model.config, limits)
-    # Rewritten on every run (same writer as the export), so an earlier run's
-    # --pipeline-instances never lingers in the cached repository.
-    from server.repository import write_pipeline_models
+    # Rewritten on every run, so an earlier run's --pipeline-instances never lingers in the
+    # cached repository.
+    from server.repository import PipelineOptions, assemble
 
-    options = {"models": list(options.models),
-               "max_batch": limits.max_batch,
-               # The in-process networks get the same thread count as every other runtime.
-               "serving": {"intra_op_threads": threads}}
-    if args.pipeline_instances is not None:
-        options["pipeline_instances"] = args.pipeline_instances
-    write_pipeline_models(out, model, specs, options)
+    # The in-process networks get the same thread count as every other runtime.
+    assemble(out, PipelineOptions(instances=args.pipeline_instances or 1,
+                                  serving={"intra_op_threads": threads}))
     return out, specs
 
 
@@ -205,53 +199,6 @@ def pipeline_instances(repository: Path) -> int:
     from server.repository import read_pipeline_config
 
     return read_pipeline_config(repository / "ldm_txt2img")[2]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "onnxruntime", "diffusers", "transformers", "nvidia-pytriton",
-                "tritonclient"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def load_summary(bursts: list, per_client: int) -> dict:
-    from bench.load import UNetStats
-    from bench.report import summary
-
-    latencies = [x for b in bursts for x in b.latencies_s]
-    stats = sum((b.unet for b in bursts), UNetStats(0, 0, 0, 0, {}))
-    ex = stats.executions
-    return {
-        "images_per_s": summary([b.images_per_s for b in bursts])["median"],
-        "images_per_s_overall": (sum(b.images for b in bursts)
-                                 / max(1e-9, sum(b.wall_s for b in bursts))),
-        "bursts": len(bursts),
-        "requests_per_client": per_client,
-        "latency": summary(latencies),
-        "errors": sum(len(b.errors) for b in bursts),
-        "error_examples": sorted({e for b in bursts for e in b.errors})[:5],
-        "unet_executions": ex,
-        "unet_avg_batch": stats.inferences / ex if ex else float("nan"),
-        "unet_requests_per_execution": stats.requests / ex if ex else float("nan"),
-        "unet_batch_histogram": {str(k): v for k, v in sorted(stats.batches.items()) if v},
-        "unet_compute_ms_per_execution": stats.compute_ns / ex / 1e6 if ex else float("nan"),
-    }
 
 
 @dataclass
@@ -365,8 +312,10 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
 
 def assemble(args, setup: Setup, raw: dict[str, list], last: dict, instances: int) -> dict:
     """4. summaries, agreement and targets: the JSON result."""
+    from bench.load import load_summary
     from bench.models import config_summary
     from bench.report import summary, targets
+    from bench.results_io import cpu_name, versions
     from export.ort import usable_cores
 
     e2e = {k.split(":", 1)[1]: summary(v) for k, v in raw.items() if k.startswith("e2e:")}
@@ -400,17 +349,10 @@ def assemble(args, setup: Setup, raw: dict[str, list], last: dict, instances: in
     }
 
 
-def write_json(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(result), indent=1, default=_json_default,
-                              allow_nan=False) + "\n")
-    os.replace(tmp, out)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench.report import render
+    from bench.results_io import write_json
 
     if args.render is not None:
         print(render(json.loads(args.render.read_text()), args.markdown))
@@ -431,25 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result, args.markdown))
     print(f"\nwrote {args.out} ({result['meta']['seconds']:.0f} s)")
     return 0
-
-
-def _finite(obj):
-    """NaN/inf (a contender with no data) -> null, so the file is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return str(obj)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@
 - `mkdtemp` makes 0700 folders; they are opened up to what the umask allows, so a Triton
   that runs as another user can read the repository.
 - A cache entry or a repository is filled in such a temporary folder and swapped in whole
-  (`cache_entry`, `staged_directory`): a failure leaves the previous one untouched.
+  (`cache_entry`, `staged_directory`): a failure leaves the previous one untouched. A
+  repository is a symbolic link to its folder, flipped atomically (`replace_dir`).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import re
@@ -104,34 +103,57 @@ def evict_old_builds(folder: Path, keep: int = DEFAULT_KEEP,
 
 # --- atomic replacement --------------------------------------------------------------------
 
-_RENAME_EXCHANGE = 2
+HOME_SEP = "@"  # `out` links to its sibling `.<name>@<pid>-<random>`
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if not hasattr(libc, "renameat2"):
-        return False
-    at_fdcwd = -100
-    rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+def _home_pid(entry: Path, out: Path) -> int | None:
+    """The pid in a sibling home folder's name `.<out>@<pid>-<random>`, else None."""
+    prefix = f".{out.name}{HOME_SEP}"
+    if not entry.name.startswith(prefix):
+        return None
+    pid = entry.name[len(prefix):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def clean_orphan_homes(out: Path) -> list[Path]:
+    """Remove home folders beside `out` that it does not link to and whose creating process
+    is gone (a build killed between moving its folder in and flipping the link)."""
+    if not out.parent.is_dir():
+        return []
+    current = out.resolve() if out.is_symlink() else None
+    removed = []
+    for entry in out.parent.iterdir():
+        pid = _home_pid(entry, out)
+        if pid is None or entry.resolve() == current or pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning("removed %s left by an interrupted build (pid %s)", entry, pid)
+        removed.append(entry)
+    return removed
 
 
 def replace_dir(new: Path, out: Path) -> None:
-    """Put folder `new` at `out`, atomically where the OS allows; the old `out` is deleted."""
-    if out.exists():
-        if _exchange(new, out):
-            shutil.rmtree(new)  # `new` now holds the old repository
-            return
+    """Put folder `new` at `out` in one atomic step, portably: `out` is a symbolic link to a
+    sibling folder, and the new folder's link is renamed over it with os.replace (rename(2)
+    over a link is atomic on POSIX), so a reader sees the old repository or the new one,
+    never a mix. The folder the old link pointed at is deleted afterwards. A real folder at
+    `out` (written before this layout) is moved aside first: that once, `out` is briefly
+    absent."""
+    home = Path(tempfile.mkdtemp(dir=out.parent,
+                                 prefix=f".{out.name}{HOME_SEP}{os.getpid()}-"))
+    home.chmod(0o777 & ~current_umask())
+    os.replace(new, home)  # an empty folder may be replaced by rename(2)
+    link = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-link")
+    os.symlink(home.name, link)  # relative: the pair may move together
+    old = None
+    if out.is_symlink():
+        old = out.resolve()
+    elif out.exists():
         old = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-old")
         os.replace(out, old)
-        os.replace(new, out)
+    os.replace(link, out)
+    if old is not None and old != home.resolve():
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
 
 
 @contextmanager

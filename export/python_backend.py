@@ -15,9 +15,8 @@ them one by one would waste the batch, so `OnnxBatchModel.run_requests`:
 4. if a merged run fails anyway, re-runs that group's requests one at a time so the error
    lands only on the request that caused it (an internal error: validation passed).
 
-Pure numpy + onnxruntime: importable and tested without Triton. `model.py` is a thin wrapper.
-The repository's version folder gets a copy of this file and `export/ort.py`, so the Triton
-model does not need this project installed.
+Pure numpy + onnxruntime: importable and tested without Triton. `model.py` is a thin wrapper
+that imports this module from the installed package.
 """
 from __future__ import annotations
 

@@ -74,55 +74,88 @@ def triton_dims(tensor: TensorSpec, batched: bool) -> tuple[list[int], list[int]
     return dims, None
 
 
-def _tensor_block(tensor: TensorSpec, batched: bool) -> str:
-    dims, reshape = triton_dims(tensor, batched)
-    lines = [f'    name: "{tensor.name}"',
-             f"    data_type: {TRITON_DTYPES[tensor.dtype]}",
-             f"    dims: [ {', '.join(map(str, dims))} ]"]
+def _model_config_pb2():
+    # tritonclient's copy of Triton's own schema (model_config.proto): what the server parses.
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def tensor_config(name: str, dtype: str, dims: list[int], *, output: bool = False,
+                  reshape: list[int] | None = None, optional: bool = False):
+    """A ModelInput (or ModelOutput) message; `dtype` is Triton's name ("TYPE_FP32")."""
+    pb = _model_config_pb2()
+    message = (pb.ModelOutput if output else pb.ModelInput)(
+        name=name, data_type=pb.DataType.Value(dtype), dims=dims)
     if reshape is not None:
-        lines.append(f"    reshape: {{ shape: [ {', '.join(map(str, reshape))} ] }}")
-    return "  {\n" + "\n".join(lines) + "\n  }"
+        message.reshape.SetInParent()  # present even when empty: a (B,) tensor's `shape: []`
+        message.reshape.shape.extend(reshape)
+    if optional:
+        message.optional = True
+    return message
 
 
-def _quote(value: str) -> str:
-    """A protobuf text-format string literal (quotes and backslashes escaped)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def spec_tensor(tensor: TensorSpec, batched: bool, *, output: bool = False):
+    dims, reshape = triton_dims(tensor, batched)
+    return tensor_config(tensor.name, TRITON_DTYPES[tensor.dtype], dims, output=output,
+                         reshape=reshape)
 
 
-def _parameters(params: dict[str, str]) -> str:
-    items = [f'  {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}'
-             for k, v in params.items()]
-    return "parameters [\n" + ",\n".join(items) + "\n]"
+def base_config(name: str, *, backend: str = "", platform: str = "", max_batch_size: int = 0,
+                instances: int = 1, kind: str = "KIND_CPU",
+                parameters: dict[str, str] | None = None):
+    """A ModelConfig with what every model of ours sets; tensors are added by the caller."""
+    pb = _model_config_pb2()
+    cfg = pb.ModelConfig(name=name, backend=backend, platform=platform,
+                         max_batch_size=max_batch_size)
+    cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def config_text(cfg, header: str) -> str:
+    """The config.pbtxt text of ModelConfig `cfg`: protobuf's own text format (values escaped,
+    exactly what Triton parses), after `header` as comment lines."""
+    from google.protobuf import text_format
+
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    return comments + text_format.MessageToString(cfg)
+
+
+_PLATFORMS = {"python": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"),
+              "tensorrt": ("", "tensorrt_plan")}
+
+
+def network_config(spec: ExportSpec, options: TritonOptions):
+    """The ModelConfig of `spec` served by `options.backend`."""
+    batched = spec.max_batch_size > 0
+    backend, platform = _PLATFORMS[options.backend]
+    cfg = base_config(spec.name, backend=backend, platform=platform,
+                      max_batch_size=spec.max_batch_size if batched else 0,
+                      instances=options.instances, kind=options.instance_kind,
+                      parameters=_thread_parameters(spec, options))
+    cfg.input.extend(spec_tensor(t, batched) for t in spec.inputs)
+    cfg.output.extend(spec_tensor(t, batched, output=True) for t in spec.outputs)
+    if spec.dynamic_batching and batched:
+        cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    return cfg
+
+
+def _thread_parameters(spec: ExportSpec, options: TritonOptions) -> dict[str, str]:
+    if options.instance_kind != "KIND_CPU":
+        return {}
+    threads = str(options.threads)  # "0": decided at load from the cores there
+    if options.backend == "python":
+        # The model validates requests against the spec's ranges (export/python_backend.py).
+        return {"intra_op_threads": threads, "limits": json.dumps(spec.serving_limits())}
+    # onnxruntime_backend's names; execution_mode 0 = sequential
+    return {"intra_op_thread_count": threads, "inter_op_thread_count": "1",
+            "execution_mode": "0"}
 
 
 def model_config(spec: ExportSpec, options: TritonOptions) -> str:
     """The config.pbtxt text for `spec` served by `options.backend`."""
-    batched = spec.max_batch_size > 0
-    head = [f'name: "{spec.name}"']
-    if options.backend == "python":
-        head.append('backend: "python"')
-    elif options.backend == "onnxruntime":
-        head.append('platform: "onnxruntime_onnx"')
-    else:
-        head.append('platform: "tensorrt_plan"')
-    head.append(f"max_batch_size: {spec.max_batch_size if batched else 0}")
-    parts = ["\n".join(head),
-             "input [\n" + ",\n".join(_tensor_block(t, batched) for t in spec.inputs) + "\n]",
-             "output [\n" + ",\n".join(_tensor_block(t, batched) for t in spec.outputs) + "\n]"]
-    if spec.dynamic_batching and batched:
-        parts.append("dynamic_batching {\n"
-                     f"  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}")
-    parts.append("instance_group [\n"
-                 f"  {{ count: {options.instances} kind: {options.instance_kind} }}\n]")
-    if options.instance_kind == "KIND_CPU":
-        threads = str(options.threads)  # "0": decided at load from the cores there
-        if options.backend == "python":
-            # The model validates requests against the spec's ranges (export/python_backend.py).
-            parts.append(_parameters({"intra_op_threads": threads,
-                                      "limits": json.dumps(spec.serving_limits())}))
-        else:  # onnxruntime_backend's names; execution_mode 0 = sequential
-            parts.append(_parameters({"intra_op_thread_count": threads,
-                                      "inter_op_thread_count": "1",
-                                      "execution_mode": "0"}))
-    header = "# Written by export/build_engines.py from export/specs.py; do not edit by hand.\n"
-    return header + "\n".join(parts) + "\n"
+    return config_text(network_config(spec, options),
+                       "Written by export/build_engines.py from export/specs.py; do not edit "
+                       "by hand.")

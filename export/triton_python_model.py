@@ -1,22 +1,18 @@
 """Triton Python-backend model: one ONNX model on ONNX Runtime (CPU).
 
-Copied to `<repository>/<model>/1/model.py` by export/build_engines.py, next to `model.onnx`
-and a copy of the `export` modules it imports. All requests of one `execute()` call run as
+Copied to `<repository>/<model>/1/model.py` by export/build_engines.py, next to `model.onnx`;
+it imports the installed package (`pip install -e .`). All requests of one `execute()` call run as
 merged batches; each request gets its own response, and its own error if it fails
 (see export/python_backend.py): INVALID_ARG with what is allowed for a request outside the
 export spec's shapes and value ranges (the `limits` parameter), INTERNAL otherwise.
 """
 import json
-import sys
 from pathlib import Path
 
-# The `export` package copied beside this file wins over any other on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import triton_python_backend_utils as pb_utils  # exists only inside Triton
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
-
-from export.python_backend import (  # noqa: E402
+from export.python_backend import (
     OnnxBatchModel,
     RequestError,
     instance_count,

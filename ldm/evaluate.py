@@ -25,7 +25,7 @@ from ldm.evaluation.judge import score
 from ldm.pipeline import Txt2ImgPipeline, latents_to_uint8
 from ldm.pretrained import load_pretrained, read_config
 
-# What the server uses unless a request says otherwise (server/limits.py reads these).
+# What the server uses unless a request says otherwise (server/contract.py reads these).
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 1.5
 DEFAULT_SAMPLER = "ddim"

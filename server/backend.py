@@ -30,11 +30,10 @@ from server.client import (
     Txt2ImgOutput,
     build_inputs,
     grpc_client,
-    input_values,
     output_from_result,
 )
+from server.contract import Limits
 from server.errors import GatewayError, triton_error
-from server.limits import Limits
 from server.schemas import ImageData, ImageGenerationRequest, ImageGenerationResponse, StreamRequest
 
 if TYPE_CHECKING:
@@ -136,7 +135,7 @@ class TritonBackend:
                 loop.call_soon_threadsafe(_settle, done, (result, error))
 
         t0 = time.perf_counter()
-        inputs = build_inputs(grpcclient, **input_values(body.prompt, body.triton_params()))
+        inputs = build_inputs(grpcclient, body.to_request())
         call = self.grpc.async_infer(
             self.settings.model, inputs, on_done,
             outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
@@ -160,7 +159,7 @@ class TritonBackend:
 
         Stops (and cancels the Triton request) at the next event once `cancelled` is set.
         """
-        events = self.client.iter_stream(body.prompt, **body.triton_params())
+        events = self.client.iter_stream(body.to_request())
         try:
             for event in events:
                 if cancelled.is_set():

@@ -1,7 +1,7 @@
 """Triton glue of the pipeline models: BLS calls, request inputs, response tensors, errors.
 
 Imported only inside Triton's Python-backend stub (it needs `triton_python_backend_utils`);
-the logic it wires up lives in `server.limits` and `server.txt2img` and is tested without
+the logic it wires up lives in `server.contract` and `server.txt2img` and is tested without
 Triton. The `model.py` files of `ldm_txt2img` and `ldm_txt2img_stream` are a few lines each
 on top of this module.
 """
@@ -18,19 +18,18 @@ import triton_python_backend_utils as pb_utils
 
 from ldm.modules.text_encoder import BERTTokenizer
 from server.batching import NETWORK_METRICS, CallBatcher
-from server.limits import InvalidRequest, Limits
-from server.txt2img import (
+from server.contract import (
     ALPHAS_FILE,
     NETWORKS,
     TOKENIZER_DIR,
-    Cancelled,
+    InvalidRequest,
+    Limits,
+    NetworkTarget,
     PipelineInfo,
-    Progress,
-    Result,
     ServingOptions,
-    Txt2ImgService,
     check_parameters,
 )
+from server.txt2img import Cancelled, Progress, Result, Txt2ImgService
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,10 @@ def to_numpy(tensor) -> np.ndarray:
     return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
-def bls_function(target: dict) -> Callable[..., np.ndarray]:
-    """A numpy function calling model `target["model"]` (see `PipelineInfo`) through BLS."""
-    model, names, output = target["model"], target["inputs"], target["output"]
-    unsqueeze = set(target.get("unsqueeze", ()))
+def bls_function(target: NetworkTarget) -> Callable[..., np.ndarray]:
+    """A numpy function calling model `target.model` through BLS."""
+    model, names, output = target.model, target.inputs, target.output
+    unsqueeze = set(target.unsqueeze)
 
     def call(*arrays: np.ndarray) -> np.ndarray:
         tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a[..., None] if name in unsqueeze
@@ -113,7 +112,7 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
         batcher = CallBatcher(options.batch_wait_ms / 1000,
                               on_run=network_metrics(config.get("name", "")))
     else:
-        fns = {name: bls_function(getattr(info, name)) for name in NETWORKS}
+        fns = {name: bls_function(info.target(name)) for name in NETWORKS}
     service = Txt2ImgService(
         info, np.load(folder / ALPHAS_FILE), tokenizer,
         encode_fn=fns["text_encoder"], unet_fn=fns["unet"], decode_fn=fns["vae_decoder"],

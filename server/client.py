@@ -24,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from server.limits import INPUTS
+from server.contract import INPUTS, STREAM_OUTPUTS, GenerationRequest
+from server.contract import OUTPUTS as OUTPUT_SPECS
 
 # config.pbtxt data types -> tritonclient's names.
 _CLIENT_DTYPES = {"TYPE_STRING": "BYTES", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
                   "TYPE_FP32": "FP32"}
-_NUMPY_DTYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
-OUTPUTS: tuple[str, ...] = ("images", "warnings", "used_seed")
-STREAM_OUTPUTS: tuple[str, ...] = ("step", "total", "preview", *OUTPUTS)
+OUTPUTS: tuple[str, ...] = tuple(OUTPUT_SPECS)
+__all__ = ["OUTPUTS", "STREAM_OUTPUTS", "StreamProgress", "Txt2ImgClient", "Txt2ImgError",
+           "Txt2ImgOutput", "as_request", "build_inputs", "grpc_client", "main",
+           "output_from_result", "save_pngs"]
 
 
 class Txt2ImgError(RuntimeError):
@@ -66,22 +68,21 @@ class StreamProgress:
     preview: np.ndarray | None = None  # (N, h, w, 3) uint8
 
 
-def build_inputs(module, **values) -> list:
-    """tritonclient InferInputs (`module` is tritonclient.grpc or .http) for the values given;
-    None leaves an input out (the server's default applies)."""
-    unknown = sorted(set(values) - set(INPUTS))
-    if unknown:
-        raise ValueError(f"unknown input(s) {unknown}; allowed: {list(INPUTS)}")
+def as_request(prompt: str | GenerationRequest, params: dict) -> GenerationRequest:
+    """`prompt` and `generate`'s keyword parameters as the request; None: the model's default."""
+    if isinstance(prompt, GenerationRequest):
+        if params:
+            raise ValueError("pass a GenerationRequest or a prompt with parameters, not both")
+        return prompt
+    return GenerationRequest(prompt=prompt, **params)
+
+
+def build_inputs(module, request: GenerationRequest) -> list:
+    """tritonclient InferInputs (`module` is tritonclient.grpc or .http) of `request`'s set
+    fields; those left None are absent (the server's default applies)."""
     inputs = []
-    for name, value in values.items():
-        if value is None:
-            continue
-        dtype = _CLIENT_DTYPES[INPUTS[name][0]]
-        if dtype == "BYTES":
-            array = np.array([str(value).encode("utf-8")], dtype=np.object_)
-        else:
-            array = np.array([value], dtype=_NUMPY_DTYPES[dtype])
-        inp = module.InferInput(name, [1], dtype)
+    for name, array in request.to_inputs().items():
+        inp = module.InferInput(name, [1], _CLIENT_DTYPES[INPUTS[name][0]])
         inp.set_data_from_numpy(array)
         inputs.append(inp)
     return inputs
@@ -137,10 +138,11 @@ class Txt2ImgClient:
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
 
-    def generate(self, prompt: str, **params) -> Txt2ImgOutput:
-        """Images for `prompt`; params: negative_prompt, steps, guidance_scale, seed, sampler,
-        num_images, height, width (None: the server's default)."""
-        inputs = build_inputs(self._module, **input_values(prompt, params))
+    def generate(self, prompt: str | GenerationRequest, **params) -> Txt2ImgOutput:
+        """Images for `prompt`; params: GenerationRequest's fields (negative_prompt, steps,
+        guidance_scale, seed, sampler, num_images, height, width; None: the server's
+        default)."""
+        inputs = build_inputs(self._module, as_request(prompt, params))
         outputs = [self._module.InferRequestedOutput(n) for n in OUTPUTS]
         kwargs = {}
         if self.timeout is not None and self.protocol == "grpc":
@@ -151,7 +153,8 @@ class Txt2ImgClient:
             raise Txt2ImgError.wrap(e) from e
         return output_from_result(result)
 
-    def iter_stream(self, prompt: str, **params) -> Iterator[StreamProgress | Txt2ImgOutput]:
+    def iter_stream(self, prompt: str | GenerationRequest,
+                    **params) -> Iterator[StreamProgress | Txt2ImgOutput]:
         """StreamProgress per sampler step, then the Txt2ImgOutput.
 
         Closing the iterator early cancels the request on the server (the loop stops before
@@ -161,7 +164,7 @@ class Txt2ImgClient:
             raise ValueError("streaming needs the gRPC protocol")
         import tritonclient.grpc as grpcclient
 
-        inputs = build_inputs(grpcclient, **input_values(prompt, params))
+        inputs = build_inputs(grpcclient, as_request(prompt, params))
         events: queue.Queue = queue.Queue()
         client = grpc_client(self.url)
         finished = False
@@ -196,17 +199,6 @@ class Txt2ImgClient:
             if on_progress is not None:
                 on_progress(event)
         raise Txt2ImgError("stream ended without images")
-
-
-def input_values(prompt: str, params: dict) -> dict:
-    """Triton input values by name for `prompt` and `generate`'s keyword parameters; those
-    left out or None are absent (the model's default applies)."""
-    aliases = {"steps": "num_inference_steps"}
-    values = {"prompt": prompt}
-    for k, v in params.items():
-        if v is not None:
-            values[aliases.get(k, k)] = v
-    return values
 
 
 # gRPC's reconnect backoff grows to 120 s, and channels with equal options share one

@@ -41,11 +41,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -63,7 +62,7 @@ from server.backend import (
     sse,
     stream_response,
 )
-from server.client import input_values
+from server.contract import InvalidRequest, Limits
 from server.errors import (
     HTTP_CODES,
     MAX_REPORTED_ERRORS,
@@ -85,7 +84,6 @@ from server.http_guard import (
     redact_query,
     uvicorn_options,
 )
-from server.limits import INPUTS, InvalidRequest, Limits, parse_request
 from server.schemas import (
     ErrorResponse,
     Health,
@@ -130,17 +128,15 @@ class GatewaySettings:
 
 def check_request(body: ImageGenerationRequest, limits: Limits | None = None) -> None:
     """Refuse what the gateway cannot serve; with `limits`, what Triton would refuse too
-    (the same `parse_request`, hence the same message)."""
+    (the same `GenerationRequest.resolve`, hence the same message)."""
     if body.response_format != "b64_json":
         raise GatewayError(400, f"response_format {body.response_format!r} is not supported: "
                            "this server returns the images inline; use 'b64_json'",
                            "invalid_request_error", "response_format", "unsupported_value")
     if limits is None:
         return
-    arrays = {k: np.array([v], dtype=object if INPUTS[k][0] == "TYPE_STRING" else None)
-              for k, v in input_values(body.prompt, body.triton_params()).items()}
     try:
-        parse_request(arrays, limits)
+        body.to_request().resolve(limits)
     except InvalidRequest as e:
         raise invalid_argument(str(e)) from None
 
@@ -286,7 +282,7 @@ def _add_image_routes(app: FastAPI, settings: GatewaySettings,
     async def config() -> dict:
         """The served model's limits: sizes, steps, images per request, samplers, defaults."""
         limits = await backend().run(backend().limits)
-        return {"model": settings.model, "limits": asdict(limits)}
+        return {"model": settings.model, "limits": limits.model_dump()}
 
 
 def _add_health_routes(app: FastAPI, backend: Callable[[], TritonBackend]) -> None:

@@ -5,9 +5,10 @@
 
 1. build the Triton repository from the checkpoint (ours, or a CompVis release file with
    --compvis-config), or reuse it when its manifest says it is up to date
-   (export/build_engines.py in a child process, same options, so a repository built
-   beforehand by `python export/build_engines.py --backend B --out R` is reused as is). A
-   repository built from another checkpoint is never replaced unless --replace says so;
+   (`python -m server.build` in a child process: export/build_engines.py with the same
+   options, so a repository built beforehand by `python export/build_engines.py --backend B
+   --out R` is reused as is, then the pipeline models on top). A repository built from
+   another checkpoint is never replaced unless --replace says so;
 2. start tritonserver and wait until the served models are loaded: the pipeline models,
    plus the component networks only where the pipeline calls them (or --component-models);
 3. serve the gateway (uvicorn, in a thread of this process) and print the URLs;
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -31,12 +31,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server.triton import TritonServer
+from server.triton import TritonServer, add_port_arguments
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path("checkpoints/demo/ldm")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Shutdown(Exception):
@@ -177,8 +176,8 @@ def resolve_checkpoint(args: argparse.Namespace) -> None:
 
 
 def ensure_repository(args: argparse.Namespace) -> None:
-    """Build or reuse `args.repository` from `args.checkpoint` (export/build_engines.py, in
-    a process of its own: its peak memory, a model's weights and more, is returned to the
+    """Build or reuse `args.repository` from `args.checkpoint` (server/build.py, in a
+    process of its own: its peak memory, a model's weights and more, is returned to the
     system before Triton loads, and this process stays small while it serves)."""
     resolve_checkpoint(args)
     manifest = args.repository / "manifest.json"
@@ -191,6 +190,8 @@ def ensure_repository(args: argparse.Namespace) -> None:
         if not args.no_export:
             log.warning("checkpoint %s not found: serving %s as it is", args.checkpoint,
                         args.repository)
+        if not (args.repository / "ldm_txt2img_stream" / "config.pbtxt").is_file():
+            _child(["server.repository", str(args.repository)], args.repository)
         return
     if args.checkpoint.is_file() and args.compvis_config is None:
         raise SystemExit(f"error: --checkpoint {args.checkpoint} is a file: a CompVis "
@@ -203,11 +204,14 @@ def ensure_repository(args: argparse.Namespace) -> None:
     argv += ["--unsafe-allow-pickle"] * args.unsafe_allow_pickle + ["--replace"] * args.replace
     print(f"checking the Triton repository {args.repository} against {args.checkpoint} "
           "(exports only what changed)", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    code = subprocess.call([sys.executable, "-m", "export.build_engines", *argv], env=env)
+    _child(["server.build", *argv], args.repository)
+
+
+def _child(module_argv: list[str], repository: Path) -> None:
+    """`python -m <module_argv>` in a process of its own; exit when it fails."""
+    code = subprocess.call([sys.executable, "-m", *module_argv])
     if code != 0:
-        raise SystemExit(f"error: could not build {args.repository} (see above)")
+        raise SystemExit(f"error: could not build {repository} (see above)")
 
 
 class Launcher:
@@ -310,9 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="gateway address (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8080, help="gateway port")
     p.add_argument("--triton-host", default="127.0.0.1", help="Triton's address")
-    p.add_argument("--triton-http-port", type=int, default=8000)
-    p.add_argument("--triton-grpc-port", type=int, default=8001)
-    p.add_argument("--triton-metrics-port", type=int, default=8002)
+    add_port_arguments(p, prefix="triton-")
     p.add_argument("--tritonserver", type=Path,
                    help="binary to run (default: tritonserver on PATH, else nvidia-pytriton's)")
     p.add_argument("--triton-log", type=Path, help="Triton's log file (default: a temp file)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from export.ort import make_session
-from server.txt2img import NETWORKS, PipelineInfo
+from server.contract import NETWORKS, PipelineInfo
 
 NumpyFn = Callable[..., np.ndarray]
 
@@ -41,10 +41,10 @@ def onnx_networks(repository: str | Path, info: PipelineInfo,
     """{network name: numpy function} for the graphs pipeline.json names under `repository`."""
     fns = {}
     for name in NETWORKS:
-        target = getattr(info, name)
-        if not target.get("onnx"):
+        target = info.target(name)
+        if not target.onnx:
             raise ValueError(f"pipeline.json names no ONNX file for {name} (a TensorRT "
                              "repository?): use networks=bls")
-        path = Path(repository) / target["onnx"]
-        fns[name] = onnx_function(path, target["inputs"], target["output"], threads)
+        path = Path(repository) / target.onnx
+        fns[name] = onnx_function(path, target.inputs, target.output, threads)
     return fns

@@ -1,194 +1,198 @@
-"""Write the pipeline models (`ldm_txt2img`, `ldm_txt2img_stream`) into a Triton repository.
+"""Add the pipeline models (`ldm_txt2img`, `ldm_txt2img_stream`) to a built Triton repository.
 
-Called by export/repository.py after it has written `text_encoder`, `unet` and `vae_decoder`:
+    python -m server.repository model_repository        # after export/build_engines.py
+    assemble(Path("model_repository"), PipelineOptions(instances=2))
 
-    write_pipeline_models(repo_dir, model, specs, {"max_batch": 8, ...})
+The serving side's step on top of what export/build_engines.py writes: it reads only the
+repository (`manifest.json`: the networks' tensors and profiles; `model_config.yaml`: the
+model's config), never the checkpoint. `python -m server` runs it after every export.
 
 `ldm_txt2img_stream` (decoupled) holds the networks and runs the loop; `ldm_txt2img` is a
-thin front that passes each request on to it through BLS and returns the final response, so
-the weights are resident once for both endpoints. Each pipeline model folder is
-self-contained:
+thin front that passes each request on to it through BLS, so the weights are resident once
+for both endpoints. Each pipeline model folder holds:
 
-    ldm_txt2img/config.pbtxt           inputs, outputs, limits as `parameters`
-    ldm_txt2img/1/model.py             from server/triton_models/ldm_txt2img/
-    ldm_txt2img/1/{ldm,server,export}/ the modules model.py imports (PIPELINE_SOURCES)
-    ldm_txt2img/1/tokenizer/           BERT tokenizer (tokenizer.json, vocab.txt)
-    ldm_txt2img/1/alphas_cumprod.npy   the model's (T,) float32 abar_t buffer
-    ldm_txt2img/1/pipeline.json        latent shape facts, the networks' tensor names, ONNX
-                                       paths and max batches (PipelineInfo)
-
-The Python that runs them needs torch, numpy, einops, pyyaml and transformers, and for
-`networks: onnxruntime` (the default with ONNX Runtime Python-backend networks, i.e. on the
-CPU) onnx and onnxruntime: the pipeline then opens `<repository>/<network>/1/model.onnx`
-itself. The streaming model has `max_batch_size` 0 and is decoupled; `ldm_txt2img` has
-`max_batch_size` 0 too, but answers through response senders from its own threads.
+    config.pbtxt            inputs, outputs, limits and serving options as `parameters`
+    1/model.py              from server/triton_models/<name>/; it imports the installed
+                            package (`pip install -e .`, as `make setup` and the Dockerfile do)
+    1/tokenizer/            the text encoder's tokenizer (tokenizer.json, vocab.txt)
+    1/alphas_cumprod.npy    the (T,) float32 abar_t of the model's schedule
+    1/pipeline.json         latent shape facts, the networks' tensor names, ONNX paths and
+                            max batches (server.contract.PipelineInfo)
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
-from collections.abc import Mapping
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
-from server.limits import INPUTS, REQUIRED_INPUTS, Limits
-from server.txt2img import (
+from export.cache import make_temp_dir
+from export.manifest import read_manifest
+from export.triton_config import base_config, config_text, tensor_config
+from server.contract import (
     ALPHAS_FILE,
+    INPUTS,
+    NETWORKS,
+    OUTPUTS,
+    PIPELINE_MODELS,
+    PROGRESS_OUTPUTS,
+    REQUIRED_INPUTS,
+    STREAMING,
     TOKENIZER_DIR,
+    Limits,
+    NetworkTarget,
     PipelineInfo,
     ServingOptions,
 )
+from server.pipeline_facts import default_limits, large_model_caps
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
-PIPELINE_MODELS: tuple[str, ...] = ("ldm_txt2img", "ldm_txt2img_stream")
-STREAMING = {"ldm_txt2img": False, "ldm_txt2img_stream": True}
-BLS_TARGETS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
-# Copied into each pipeline model's version folder (relative to the project root). A change in
-# any of them changes the served pipeline: exporters should hash them with the repository.
-PIPELINE_SOURCES: tuple[str, ...] = (
-    "ldm/__init__.py", "ldm/config.py", "ldm/pipeline.py",
-    "ldm/samplers/__init__.py", "ldm/samplers/ddim.py", "ldm/samplers/ddpm.py",
-    "ldm/samplers/dpm_solver.py", "ldm/samplers/guidance.py", "ldm/samplers/plms.py",
-    "ldm/modules/__init__.py", "ldm/modules/text_encoder.py",
-    "server/__init__.py", "server/batching.py", "server/bls.py", "server/limits.py",
-    "server/networks.py", "server/txt2img.py",
-    "export/__init__.py", "export/ort.py", "export/python_backend.py",
-)
-# Keys of `options`: those export/repository.py passes, then our own.
-EXPORT_OPTIONS: tuple[str, ...] = ("backend", "models", "model_config", "instance_kind",
-                                   "instances", "max_batch", "weights")
-PIPELINE_OPTIONS: tuple[str, ...] = (
-    "pipeline_models",  # which of PIPELINE_MODELS to write (default both)
-    "pipeline_instances",  # instances of `ldm_txt2img`, the thin front of the streaming
-    # model (default 1; its threads wait on BLS). The streaming model, which holds the
-    # networks, always has one instance: the weights are resident once.
-    "limits",  # dict of Limits fields overriding the defaults derived from the specs
-    "serving",  # dict of ServingOptions fields; `networks` defaults to onnxruntime when the
-    # networks are ONNX Runtime Python-backend models (CPU), else to bls
-)
+MODEL_CONFIG = "model_config.yaml"  # export.repository.MODEL_CONFIG
 
 
-def pipeline_info(model, specs: Mapping, onnx: bool = True) -> PipelineInfo:
-    """The facts the loop needs, from the LatentDiffusion and the export specs; `onnx`: the
-    repository holds each network as `<name>/1/model.onnx` (not TensorRT engines)."""
-    from export.triton_config import triton_dims
+@dataclass(frozen=True)
+class PipelineOptions:
+    models: tuple[str, ...] = PIPELINE_MODELS  # which of them to write (both are needed)
+    # Instances of `ldm_txt2img`, the thin front (its threads wait on BLS). The streaming
+    # model, which holds the networks, always has one: the weights are resident once.
+    instances: int = 1
+    limits: dict[str, Any] = field(default_factory=dict)  # Limits fields over the derived ones
+    serving: dict[str, Any] = field(default_factory=dict)  # ServingOptions fields; `networks`
+    # defaults to onnxruntime for ONNX Runtime Python-backend networks (CPU), else to bls
 
-    targets = {}
-    for name in BLS_TARGETS:
-        spec = specs[name]
-        batched = spec.max_batch_size > 0
-        unsqueeze = [t.name for t in spec.inputs if triton_dims(t, batched)[1] is not None]
-        targets[name] = {"model": spec.name, "inputs": [t.name for t in spec.inputs],
-                         "output": spec.outputs[0].name, "unsqueeze": unsqueeze,
-                         "onnx": f"{spec.name}/1/model.onnx" if onnx else None,
-                         "max_batch": spec.max_batch_size}
-    cfg = model.config
-    return PipelineInfo(
-        latent_channels=cfg.unet.in_channels,
-        downsample_factor=model.first_stage_model.downsample_factor,
-        parameterization=model.parameterization,
-        max_seq_len=cfg.cond_stage.max_seq_len,
-        scale_factor=float(model.scale_factor),
-        **targets,
-    )
-
-
-# A UNet this large fills the cores at batch 1-2 on a CPU: the paper's (3.5 GB) took the same
-# time per item at batch 2, 4 and 8 (0.95-1.05 s), while its activations grew with the batch
-# (+0.4 GB at 2, +0.8 GB at 4, +1.4 GB at 8; the VAE decoder +0.9 GB for 4 images at 256 px).
-LARGE_UNET_BYTES = 1 << 30
-
-
-def large_model_caps(model) -> dict[str, int]:
-    """Serving defaults that bound activation memory for a large model on the CPU: UNet runs
-    of at most 4 items (two guided requests), VAE decodes one image at a time."""
-    unet_bytes = sum(p.numel() * 4 for p in model.model.parameters())
-    return {"unet_max_batch": 4, "vae_max_batch": 1} if unet_bytes > LARGE_UNET_BYTES else {}
-
-
-def supported_sizes(model, specs: Mapping) -> list[int]:
-    """Image sizes (pixels, per side) the exported UNet covers; the trained size first."""
-    lo, opt, hi = specs["unet"].profile["height"]
-    step = 2 ** (len(model.config.unet.channel_mult) - 1)  # the UNet halves h this often
-    f = model.first_stage_model.downsample_factor
-    sizes = [s * f for s in range(lo, hi + 1) if s % step == 0]
-    return sorted(sizes, key=lambda s: (s != opt * f, s))
-
-
-def max_images(specs: Mapping) -> int:
-    """Images per request the graphs can take: guided UNet calls carry twice as many."""
-    return min(specs["vae_decoder"].profile["batch"][2], specs["unet"].profile["batch"][2] // 2)
-
-
-def default_limits(model, specs: Mapping, overrides: Mapping | None = None) -> Limits:
-    """Limits derived from the specs, with `overrides` (Limits fields) checked against them."""
-    sizes = supported_sizes(model, specs)
-    cap = max_images(specs)
-    kwargs = {"sizes": tuple(sizes), "max_images": min(4, cap),
-              "max_steps": min(100, int(model.num_timesteps))}
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(Limits.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown limit(s) {unknown}; allowed: "
-                         f"{sorted(Limits.__dataclass_fields__)}")
-    if "sizes" in overrides:
-        overrides["sizes"] = tuple(int(s) for s in overrides["sizes"])
-        bad = [s for s in overrides["sizes"] if s not in sizes]
+    def __post_init__(self) -> None:
+        bad = [n for n in self.models if n not in PIPELINE_MODELS]
         if bad:
-            raise ValueError(f"sizes {bad} are not covered by the exported UNet; allowed: {sizes}")
-    if overrides.get("max_images", 1) > cap:
-        raise ValueError(f"max_images {overrides['max_images']} exceeds what the exported "
-                         f"graphs take ({cap}; export with a larger max_batch)")
-    if overrides.get("max_steps", 1) > model.num_timesteps:
-        raise ValueError(f"max_steps {overrides['max_steps']} exceeds the model's "
-                         f"{model.num_timesteps} timesteps")
-    if "samplers" in overrides:
-        overrides["samplers"] = tuple(overrides["samplers"])
-    merged = {**kwargs, **overrides}
-    if "default_steps" not in overrides:  # keep the default inside a lowered max_steps
-        merged["default_steps"] = min(Limits.default_steps, merged["max_steps"])
-    return Limits(**merged)
+            raise ValueError(f"unknown pipeline model(s) {bad}; allowed: {list(PIPELINE_MODELS)}")
+        if "ldm_txt2img_stream" not in self.models:
+            raise ValueError("ldm_txt2img passes its requests to ldm_txt2img_stream (the model "
+                             "that holds the networks): write both")
+        if self.instances < 1:
+            raise ValueError(f"pipeline instances must be >= 1, got {self.instances}")
 
 
-# --- config.pbtxt --------------------------------------------------------------------------
+class Built:
+    """What export/build_engines.py wrote: the manifest's networks and the model's config."""
 
-def _io_block(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
-    opt = "\n    optional: true" if optional else ""
-    return (f'  {{\n    name: "{name}"\n    data_type: {dtype}\n'
-            f"    dims: [ {', '.join(map(str, dims))} ]{opt}\n  }}")
+    def __init__(self, repo: Path):
+        from ldm.config import LDMConfig, from_dict
+
+        self.repo = Path(repo)
+        manifest = read_manifest(self.repo)
+        if manifest is None:
+            raise FileNotFoundError(f"{repo} has no manifest.json: build it first "
+                                    "(python export/build_engines.py --out ...)")
+        self.backend: str = manifest["backend"]
+        self.networks: dict[str, dict] = manifest["models"]
+        data = yaml.safe_load((self.repo / manifest.get("model_config", MODEL_CONFIG))
+                              .read_text())
+        self.config = from_dict(LDMConfig, data["config"])
+
+    def network_bytes(self, name: str) -> int:
+        """Bytes of the files a network's model serves (its weights, nearly all)."""
+        return sum(f.stat().st_size for f in (self.repo / name / "1").iterdir() if f.is_file())
+
+    def pipeline_info(self) -> PipelineInfo:
+        targets = {name: _target(name, self.networks[name], self.backend != "tensorrt")
+                   for name in NETWORKS}
+        cfg = self.config
+        return PipelineInfo(
+            latent_channels=cfg.unet.in_channels,
+            downsample_factor=2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1),
+            parameterization=cfg.diffusion.parameterization,
+            max_seq_len=cfg.cond_stage.max_seq_len,
+            scale_factor=float(cfg.diffusion.scale_factor), **targets)
 
 
-def pipeline_config(name: str, limits: Limits, serving: ServingOptions, *, streaming: bool,
-                    instances: int = 1) -> str:
-    """config.pbtxt of a pipeline model: one request = one prompt (max_batch_size 0)."""
-    inputs = [_io_block(n, dtype, [1], optional=n not in REQUIRED_INPUTS)
-              for n, (dtype, _) in INPUTS.items()]
-    outputs = [_io_block("images", "TYPE_UINT8", [-1, -1, -1, 3]),
-               _io_block("warnings", "TYPE_STRING", [-1]),
-               _io_block("used_seed", "TYPE_INT64", [1])]
-    if streaming:
-        outputs += [_io_block("step", "TYPE_INT32", [1]),
-                    _io_block("total", "TYPE_INT32", [1]),
-                    _io_block("preview", "TYPE_UINT8", [-1, -1, -1, 3])]
-    params = {**limits.to_parameters(), **serving.to_parameters()}
-    parts = [
-        "# Written by server/repository.py; the parameters are the request limits and may be\n"
-        "# edited (a bad value stops the model from loading, with a message saying why).",
-        f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
-        "input [\n" + ",\n".join(inputs) + "\n]",
-        "output [\n" + ",\n".join(outputs) + "\n]",
-    ]
-    if streaming:
-        parts.append("model_transaction_policy {\n  decoupled: true\n}")
-    parts.append(f"instance_group [\n  {{ count: {instances} kind: KIND_CPU }}\n]")
-    parts.append("parameters [\n" + ",\n".join(
-        f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
-        + "\n]")
-    return "\n".join(parts) + "\n"
+def _target(name: str, entry: dict, onnx: bool) -> NetworkTarget:
+    """A network as the loop calls it, from its manifest entry (export/steps.py)."""
+    batched = entry["max_batch_size"] > 0
+    # A batched (B,) tensor is declared `dims: [1] reshape: { shape: [] }`: sent as (B, 1).
+    unsqueeze = [t["name"] for t in entry["inputs"] if batched and list(t["shape"]) == ["batch"]]
+    return NetworkTarget(model=name, inputs=[t["name"] for t in entry["inputs"]],
+                         output=entry["outputs"][0]["name"], unsqueeze=unsqueeze,
+                         onnx=f"{name}/1/model.onnx" if onnx else None,
+                         max_batch=entry["max_batch_size"] or entry["profile"]["batch"][2])
+
+
+def assemble(repo: Path, options: PipelineOptions = PipelineOptions()) -> list[str]:
+    """Write the pipeline models into `repo`; the names written ([] when the repository lacks
+    a network the pipeline calls, with a warning). Each model folder is written beside the
+    repository and moved in whole."""
+    built = Built(repo)
+    missing = [m for m in NETWORKS if m not in built.networks]
+    if missing:
+        log.warning("pipeline models not written: the repository lacks %s", missing)
+        return []
+    if not built.config.cond_stage.use_tokenizer:
+        raise ValueError("the pipeline needs a text encoder with a tokenizer (BERTEmbedder "
+                         "with use_tokenizer=true)")
+    limits = default_limits(built.config, built.networks, options.limits)
+    serving = _serving_options(built, options.serving)
+    for name in options.models:
+        _write_model(built, name, limits, serving,
+                     1 if STREAMING[name] else options.instances)
+    log.info("wrote pipeline models %s (sizes %s, up to %d images, %d steps)",
+             list(options.models), list(limits.sizes), limits.max_images, limits.max_steps)
+    return list(options.models)
+
+
+def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
+    defaults = {"networks": "onnxruntime" if built.backend == "python" else "bls",
+                **large_model_caps(built.network_bytes("unet"))}
+    serving = ServingOptions(**{**defaults, **overrides})
+    if serving.networks == "onnxruntime" and built.backend == "tensorrt":
+        raise ValueError("networks=onnxruntime needs ONNX files; a TensorRT repository has "
+                         "engines only: use networks=bls")
+    return serving
+
+
+def _write_model(built: Built, name: str, limits: Limits, serving: ServingOptions,
+                 instances: int) -> None:
+    from ldm.models.schedule import alphas_cumprod
+    from ldm.modules.text_encoder import load_bert_tokenizer
+
+    final = built.repo / name
+    tmp = make_temp_dir(built.repo.resolve().parent, name)
+    try:
+        version = tmp / "1"
+        version.mkdir()
+        shutil.copy2(TEMPLATES / name / "model.py", version / "model.py")
+        save_tokenizer(load_bert_tokenizer(built.config.cond_stage.max_seq_len).tokenizer,
+                       version / TOKENIZER_DIR)
+        np.save(version / ALPHAS_FILE, alphas_cumprod(built.config.diffusion).astype(np.float32))
+        built.pipeline_info().save(version)
+        (tmp / "config.pbtxt").write_text(config_text(
+            pipeline_config(name, limits, serving, instances),
+            "Written by server/repository.py; the parameters are the request limits and the "
+            "serving options,\nand may be edited (a bad value stops the model from loading, "
+            "with a message saying why)."))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pipeline_config(name: str, limits: Limits, serving: ServingOptions, instances: int = 1):
+    """The ModelConfig of a pipeline model: one request = one prompt (max_batch_size 0)."""
+    cfg = base_config(name, backend="python", instances=instances,
+                      parameters={**limits.to_parameters(), **serving.to_parameters()})
+    cfg.input.extend(tensor_config(n, dtype, [1], optional=n not in REQUIRED_INPUTS)
+                     for n, (dtype, _) in INPUTS.items())
+    outputs = {**(PROGRESS_OUTPUTS if STREAMING[name] else {}), **OUTPUTS}
+    cfg.output.extend(tensor_config(n, dtype, dims, output=True)
+                      for n, (dtype, dims) in outputs.items())
+    if STREAMING[name]:
+        cfg.model_transaction_policy.decoupled = True
+    return cfg
 
 
 def read_pipeline_config(folder: Path) -> tuple[Limits, ServingOptions, int]:
@@ -218,16 +222,13 @@ def served_models(repo: Path, components: bool = False) -> tuple[str, ...]:
     return every if serving.networks == "bls" else pipeline
 
 
-# --- files ---------------------------------------------------------------------------------
-
-def save_tokenizer(model, folder: Path) -> None:
-    """The text encoder's BERT tokenizer, loadable offline with `BERTTokenizer(folder)`.
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """A BERT tokenizer, loadable offline with `BERTTokenizer(folder)`.
 
     transformers 5 `save_pretrained` writes tokenizer.json but no vocab.txt, which
     `BERTTokenizer` requires (see its pitfall note): vocab.txt is written from the vocabulary,
     one token per line in id order.
     """
-    tokenizer = model.cond_stage_model.tknz_fn.tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
     vocab = tokenizer.get_vocab()
@@ -237,71 +238,21 @@ def save_tokenizer(model, folder: Path) -> None:
     (folder / "vocab.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
 
 
-def _check_options(options: Mapping) -> None:
-    unknown = sorted(set(options) - set(EXPORT_OPTIONS) - set(PIPELINE_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown pipeline option(s) {unknown}; allowed: "
-                         f"{sorted(EXPORT_OPTIONS + PIPELINE_OPTIONS)}")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server.repository",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("repository", type=Path, help="a repository export/build_engines.py wrote")
+    p.add_argument("--instances", type=int, default=1, help="instances of ldm_txt2img")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        names = assemble(args.repository, PipelineOptions(instances=args.instances))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"server.repository: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.repository}: wrote {', '.join(names) or 'no pipeline models'}")
+    return 0 if names else 1
 
 
-def write_pipeline_models(repo_dir: Path, model, specs: Mapping, options: Mapping) -> list[str]:
-    """Write the pipeline models into `repo_dir`; the names written ([] when skipped).
-
-    `model` is the LatentDiffusion that was exported, `specs` export/specs.py's dict, and
-    `options` the keys in EXPORT_OPTIONS and PIPELINE_OPTIONS. Skipped (with a warning) when
-    the repository lacks one of the models the pipeline calls.
-    """
-    _check_options(options)
-    repo_dir = Path(repo_dir)
-    exported = options.get("models", BLS_TARGETS)
-    missing = [m for m in BLS_TARGETS if m not in exported or m not in specs]
-    if missing:
-        log.warning("pipeline models not written: the repository lacks %s", missing)
-        return []
-    if not getattr(model.cond_stage_model, "use_tknz_fn", False):
-        raise ValueError("the pipeline needs a text encoder with a tokenizer (BERTEmbedder "
-                         "with use_tokenizer=true)")
-    names = tuple(options.get("pipeline_models", PIPELINE_MODELS))
-    bad = [n for n in names if n not in PIPELINE_MODELS]
-    if bad:
-        raise ValueError(f"unknown pipeline model(s) {bad}; allowed: {list(PIPELINE_MODELS)}")
-    if "ldm_txt2img_stream" not in names:
-        raise ValueError("ldm_txt2img passes its requests to ldm_txt2img_stream (the model "
-                         "that holds the networks): write both")
-    backend = options.get("backend", "python")
-    info = pipeline_info(model, specs, onnx=backend != "tensorrt")
-    limits = default_limits(model, specs, options.get("limits"))
-    serving = ServingOptions(**{"networks": "onnxruntime" if backend == "python" else "bls",
-                                **large_model_caps(model),
-                                **dict(options.get("serving", {}))})
-    if serving.networks == "onnxruntime" and backend == "tensorrt":
-        raise ValueError("networks=onnxruntime needs ONNX files; a TensorRT repository has "
-                         "engines only: use networks=bls")
-    instances = int(options.get("pipeline_instances", 1))
-    if instances < 1:
-        raise ValueError(f"pipeline_instances must be >= 1, got {instances}")
-    alphas = model.alphas_cumprod.detach().cpu().numpy().astype(np.float32)
-
-    for name in names:
-        folder = repo_dir / name
-        version = folder / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(TEMPLATES / name / "model.py", version / "model.py")
-        for rel in PIPELINE_SOURCES:
-            dst = version / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, dst)
-        save_tokenizer(model, version / TOKENIZER_DIR)
-        np.save(version / ALPHAS_FILE, alphas)
-        info.save(version)
-        streaming = STREAMING[name]
-        (folder / "config.pbtxt").write_text(pipeline_config(
-            name, limits, serving, streaming=streaming, instances=1 if streaming else instances))
-    log.info("wrote pipeline models %s (sizes %s, up to %d images, %d steps)",
-             list(names), list(limits.sizes), limits.max_images, limits.max_steps)
-    return list(names)
-
-
-__all__ = ["PIPELINE_MODELS", "PIPELINE_SOURCES", "default_limits",
-           "pipeline_config", "pipeline_info", "read_pipeline_config", "save_tokenizer",
-           "served_models", "supported_sizes", "write_pipeline_models"]
+if __name__ == "__main__":
+    sys.exit(main())

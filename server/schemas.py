@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.limits import MAX_SEED
+from server.contract import MAX_SEED, GenerationRequest
 
 # ASCII only: `\d` alone would take "٢٥٦x٢٥٦" (Arabic-Indic digits), which int() reads as 256.
 _SIZE = re.compile(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*", re.ASCII)
@@ -68,12 +68,13 @@ class ImageGenerationRequest(BaseModel):
             parse_size(v)
         return v
 
-    def triton_params(self) -> dict:
-        """Keyword arguments of `Txt2ImgClient.generate` (None: the model's default)."""
+    def to_request(self) -> GenerationRequest:
+        """The request this body asks for (None: the model's default)."""
         width, height = parse_size(self.size) if self.size else (None, None)
-        return {"negative_prompt": self.negative_prompt, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "seed": self.seed,
-                "sampler": self.sampler, "num_images": self.n, "height": height, "width": width}
+        return GenerationRequest(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+            guidance_scale=self.guidance_scale, seed=self.seed, sampler=self.sampler,
+            num_images=self.n, height=height, width=width)
 
 
 class StreamRequest(ImageGenerationRequest):

@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 # An unmapped region younger than this may belong to a server that is just starting.
 STALE_REGION_AGE = 60.0
 # The folder holding the `ldm` and `server` packages: Python-backend models import them.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_ports(n: int = 1) -> list[int]:
@@ -68,6 +67,22 @@ def free_ports(n: int = 1) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+PACKAGES = ("ldm", "export", "server")
+
+
+def check_package_importable(env: dict[str, str], python: str = sys.executable) -> None:
+    """Our models' model.py files import this project's packages: check that the Python
+    Triton runs (this interpreter, with Triton's environment, from another folder) finds
+    them, and say how to fix it if not, instead of a model that fails to load."""
+    code = ("import importlib.util as u, sys; "
+            f"sys.exit(0 if all(u.find_spec(p) for p in {PACKAGES!r}) else 1)")
+    if subprocess.call([python, "-c", code], env=env, cwd="/") != 0:
+        raise RuntimeError(
+            f"the Python that Triton's models run ({python}) cannot import "
+            f"{', '.join(PACKAGES)}: install this project into it (`pip install -e .`; "
+            "`make setup` does)")
 
 
 class TritonServer:
@@ -88,7 +103,7 @@ class TritonServer:
         host: str = "127.0.0.1",
         log_path: str | Path | None = None,
         tritonserver: str | Path | None = None,
-        pythonpath: tuple[str | Path, ...] = (PROJECT_ROOT,),
+        pythonpath: tuple[str | Path, ...] = (),
         extra_args: tuple[str, ...] = (),
         log_verbose: int = 0,
         die_with_parent: bool = True,
@@ -157,6 +172,7 @@ class TritonServer:
         if self.process is not None:
             raise RuntimeError("server already started")
         install = find_tritonserver(self.tritonserver)
+        check_package_importable(self.environment(install))
         remove_unmapped(min_age=STALE_REGION_AGE)  # what crashed servers left in /dev/shm
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -327,14 +343,20 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def add_port_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--{prefix}http-port, --{prefix}grpc-port, --{prefix}metrics-port: Triton's three ports,
+    with its defaults 8000, 8001, 8002. argparse stores them as {prefix}http_port etc. (dashes
+    to underscores), e.g. args.http_port, or args.triton_http_port with prefix "triton-"."""
+    for kind, default in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        parser.add_argument(f"--{prefix}{kind}-port", type=int, default=default)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server.triton",
                                 description="Run tritonserver on a model repository.")
     p.add_argument("repository", type=Path, nargs="?", default=Path("model_repository"))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    add_port_arguments(p)
     p.add_argument("--tritonserver", type=Path,
                    help="binary to run (default: tritonserver on PATH, else nvidia-pytriton's)")
     p.add_argument("--log", type=Path, help="log file (default: a temporary file)")

@@ -23,13 +23,11 @@ every UNet call and stops the loop with `Cancelled`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,13 +36,9 @@ from ldm.pipeline import initial_noise, latents_to_uint8
 from ldm.samplers import get_sampler
 from ldm.samplers.guidance import cfg_denoiser
 from server.batching import CallBatcher
-from server.limits import GenerationRequest, Limits
+from server.contract import GenerationRequest, PipelineInfo, ServingOptions
 
 log = logging.getLogger(__name__)
-
-PIPELINE_FILE = "pipeline.json"
-ALPHAS_FILE = "alphas_cumprod.npy"
-TOKENIZER_DIR = "tokenizer"
 
 # The networks, as numpy functions (shapes as in export/specs.py):
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # input_ids (B, L) int64 -> context (B, L, D) f32
@@ -52,114 +46,8 @@ EncodeFn = Callable[[np.ndarray], np.ndarray]  # input_ids (B, L) int64 -> conte
 UNetNumpyFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 DecodeFn = Callable[[np.ndarray], np.ndarray]  # latent (B, C, h, w) -> image (B, 3, H, W) [-1, 1]
 
-PREVIEW_MODES: tuple[str, ...] = ("none", "latent", "decoded")
-NETWORKS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
-NETWORK_MODES: tuple[str, ...] = ("onnxruntime", "bls")
-
-
 class Cancelled(Exception):
     """The client went away; the loop stopped early."""
-
-
-def _target(model: str, inputs: list[str], output: str, unsqueeze: list[str] | None = None):
-    return {"model": model, "inputs": inputs, "output": output, "unsqueeze": unsqueeze or [],
-            "onnx": None, "max_batch": 16}
-
-
-@dataclass(frozen=True)
-class PipelineInfo:
-    """Facts about the exported model that the loop needs (pipeline.json in the model folder)."""
-
-    latent_channels: int
-    downsample_factor: int  # image pixels per latent pixel (the VAE's f)
-    parameterization: str  # "eps" or "x0": what the UNet predicts
-    max_seq_len: int  # tokens per prompt
-    scale_factor: float  # informational: the VAE graphs apply it themselves
-    # The networks, from export/specs.py: {"model", "inputs" (names in call order), "output",
-    # "unsqueeze", "onnx", "max_batch"}. "unsqueeze" lists the inputs that a batched model
-    # declares as `dims: [1] reshape: { shape: [] }` (export/triton_config.py): sent through
-    # BLS as (B, 1), not (B,). "onnx" is the graph's path relative to the repository root
-    # (None when the repository holds no ONNX file, e.g. TensorRT engines); "max_batch" the
-    # largest batch the graph takes.
-    text_encoder: dict = field(default_factory=lambda: _target(
-        "text_encoder", ["input_ids"], "context"))
-    unet: dict = field(default_factory=lambda: _target(
-        "unet", ["latent", "timestep", "context"], "noise_pred", ["timestep"]))
-    vae_decoder: dict = field(default_factory=lambda: _target(
-        "vae_decoder", ["latent"], "image"))
-
-    def save(self, folder: Path) -> None:
-        (folder / PIPELINE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> PipelineInfo:
-        return cls(**json.loads((folder / PIPELINE_FILE).read_text()))
-
-
-@dataclass(frozen=True)
-class ServingOptions:
-    """config.pbtxt parameters of a pipeline model that are not request limits."""
-
-    preview: str = "latent"  # none | latent (cheap, h x w) | decoded (a VAE call, H x W)
-    preview_every: int = 1  # steps between previews (streaming model)
-    embedding_cache: int = 64  # prompts whose embeddings are kept
-    torch_threads: int = 1  # the loop's own math is tiny; leave the cores to the UNet
-    # Requests a pipeline model runs at once, a thread each (more wait their turn); their
-    # guided UNet steps share one batch, so 8 fills the exported UNet's batch of 16.
-    max_concurrent: int = 8
-    # onnxruntime: the pipeline runs the repository's ONNX graphs itself (no IPC per step);
-    # bls: it calls the text_encoder/unet/vae_decoder models (TensorRT, or another host).
-    # Older repositories lack the parameter: they were written for BLS.
-    networks: str = "bls"
-    intra_op_threads: int = 0  # ONNX Runtime threads of in-process networks; 0: all cores
-    batch_wait_ms: int = 10  # longest a network call waits for other requests' calls
-    # Most items one UNet / VAE decoder run takes (0: what the graph takes). A run's
-    # activations grow with its batch; for networks that fill the cores at batch 1-2 (the
-    # paper's 1.45 B model: the same time per item at batch 2, 4 and 8) a cap costs no
-    # throughput and bounds memory. server/repository.py sets them for large models.
-    unet_max_batch: int = 0
-    vae_max_batch: int = 0
-
-    def __post_init__(self) -> None:
-        if self.preview not in PREVIEW_MODES:
-            raise ValueError(f"preview {self.preview!r}; allowed: {list(PREVIEW_MODES)}")
-        if self.networks not in NETWORK_MODES:
-            raise ValueError(f"networks {self.networks!r}; allowed: {list(NETWORK_MODES)}")
-        if min(self.preview_every, self.embedding_cache, self.torch_threads,
-               self.max_concurrent) < 1:
-            raise ValueError("preview_every, embedding_cache, torch_threads and "
-                             "max_concurrent must be >= 1")
-        if min(self.intra_op_threads, self.batch_wait_ms, self.unet_max_batch,
-               self.vae_max_batch) < 0:
-            raise ValueError("intra_op_threads, batch_wait_ms, unet_max_batch and "
-                             "vae_max_batch must be >= 0")
-
-    def to_parameters(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> ServingOptions:
-        kwargs = {}
-        for name, f in cls.__dataclass_fields__.items():
-            if name in params:
-                raw = str(params[name]).strip()
-                try:
-                    kwargs[name] = int(raw) if f.type == "int" else raw
-                except ValueError:
-                    raise ValueError(f"parameter {name}={raw!r}: not an integer") from None
-        return cls(**kwargs)
-
-
-# Parameters the Python backend itself reads; allowed beside ours.
-BACKEND_PARAMETERS: tuple[str, ...] = ("EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS")
-
-
-def check_parameters(params: dict[str, str]) -> None:
-    """Refuse config.pbtxt parameters that neither the limits nor the options know."""
-    known = set(Limits.__dataclass_fields__) | set(ServingOptions.__dataclass_fields__)
-    unknown = sorted(set(params) - known - set(BACKEND_PARAMETERS))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; allowed: {sorted(known)}")
 
 
 @dataclass
@@ -231,8 +119,9 @@ class Txt2ImgService:
 
     def __init__(self, info: PipelineInfo, alphas_cumprod: np.ndarray, tokenizer,
                  encode_fn: EncodeFn, unet_fn: UNetNumpyFn, decode_fn: DecodeFn,
-                 options: ServingOptions = ServingOptions(),
+                 options: ServingOptions | None = None,
                  batcher: CallBatcher | None = None):
+        options = options or ServingOptions()
         self.info = info
         self.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod))
         self.tokenizer = tokenizer
@@ -240,10 +129,10 @@ class Txt2ImgService:
         # up to the batch its graph takes); without one, each call runs as made.
         self.batcher = batcher
         if batcher is not None:
-            encode_fn = batcher.wrap(encode_fn, info.text_encoder["max_batch"], "text_encoder")
-            unet_fn = batcher.wrap(unet_fn, _cap(info.unet["max_batch"], options.unet_max_batch),
+            encode_fn = batcher.wrap(encode_fn, info.text_encoder.max_batch, "text_encoder")
+            unet_fn = batcher.wrap(unet_fn, _cap(info.unet.max_batch, options.unet_max_batch),
                                    "unet")
-            decode_fn = batcher.wrap(decode_fn, _cap(info.vae_decoder["max_batch"],
+            decode_fn = batcher.wrap(decode_fn, _cap(info.vae_decoder.max_batch,
                                                      options.vae_max_batch), "vae_decoder")
         self.encode_fn, self.unet_fn, self.decode_fn = encode_fn, unet_fn, decode_fn
         self.options = options
@@ -286,6 +175,9 @@ class Txt2ImgService:
                   on_progress: Callable[[Progress], object] | None,
                   is_cancelled: Callable[[], bool] | None) -> Result:
         info, f = self.info, self.info.downsample_factor
+        unset = [k for k, v in req.model_dump().items() if v is None]
+        if unset:
+            raise ValueError(f"request fields {unset} unset: resolve it against the limits first")
         if req.height % f or req.width % f:
             raise ValueError(f"height and width must be multiples of {f}")
         warnings = []

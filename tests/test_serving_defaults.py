@@ -1,6 +1,6 @@
 """The server's defaults are the ones the demo model was evaluated at (MODEL_CARD.md)."""
 from ldm import evaluate
-from server.limits import Limits
+from server.contract import Limits
 
 
 def test_served_defaults_equal_the_evaluated_ones():

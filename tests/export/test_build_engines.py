@@ -19,7 +19,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.build_engines import main
-from export.repository import _pipeline_writer, staged_directory
+from export.cache import clean_orphan_homes, staged_directory
+from export.repository import MODEL_CONFIG
 from export.specs import GRAPHS, build_specs
 from export.tensorrt import trt_status
 
@@ -67,9 +68,8 @@ def test_python_repository(python_repo, tiny_model):
         cfg = parse_config(repo / name / "config.pbtxt")
         assert (cfg.name, cfg.backend) == (name, "python")
         version = repo / name / "1"
-        for f in ("model.py", "model.onnx", "export/__init__.py", "export/ort.py",
-                  "export/python_backend.py"):
-            assert (version / f).is_file(), f
+        # model.py imports the installed package: no copies of our code beside it.
+        assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py"]
         graph = onnx.load(str(version / "model.onnx"))
         assert not [n for n in graph.graph.node if n.domain == "com.microsoft.nchwc"]
     manifest = json.loads((repo / "manifest.json").read_text())
@@ -86,12 +86,9 @@ def test_python_repository(python_repo, tiny_model):
     kind, cfg = read_config(_as_checkpoint(repo))
     assert kind == "ldm" and to_dict(cfg) == to_dict(tiny_model.config)
     assert cfg.diffusion.scale_factor == 0.5
-    pipeline = manifest["pipeline"]
-    if _pipeline_writer() is None:
-        assert "skipped" in pipeline
-    else:  # the serving side's BLS models, written by server/repository.py
-        assert pipeline.startswith("pipeline models ldm_txt2img")
-        assert (repo / "ldm_txt2img" / "config.pbtxt").is_file()
+    assert manifest["model_config"] == MODEL_CONFIG
+    # The export writes the networks; the pipeline models are the serving side's step.
+    assert not (repo / "ldm_txt2img").exists()
 
 
 def _as_checkpoint(repo: Path) -> Path:
@@ -176,8 +173,52 @@ def test_staged_directory_swaps_only_on_success(tmp_path):
     assert (out / "a.txt").read_text() == "one"
     with staged_directory(out) as tmp:
         (tmp / "b.txt").write_text("three")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    # `repo` links to the one folder that holds it; nothing else is left behind.
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].startswith(".repo@") and names[1] == "repo"
+    assert out.is_symlink() and out.resolve() == (tmp_path / names[0]).resolve()
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+def test_readers_see_the_old_repository_or_the_new_one(tmp_path):
+    """Swapped 200 times while a thread reads: every read finds a whole repository."""
+    import threading
+
+    out = tmp_path / "repo"
+    with staged_directory(out) as tmp:
+        (tmp / "a.txt").write_text("0")
+    seen, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append((out / "a.txt").read_text())
+            except OSError as e:
+                seen.append(repr(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(1, 200):
+        with staged_directory(out) as tmp:
+            (tmp / "a.txt").write_text(str(i))
+    stop.set()
+    reader.join()
+    assert seen and all(s.isdigit() for s in seen), [s for s in seen if not s.isdigit()][:3]
+    assert (out / "a.txt").read_text() == "199"
+    assert len(list(tmp_path.iterdir())) == 2  # the link and its folder
+
+
+def test_a_real_folder_becomes_a_link_and_orphans_are_removed(tmp_path):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "old.txt").write_text("written before repositories were links")
+    with staged_directory(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert out.is_symlink() and sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    orphan = tmp_path / ".repo@999999999-killed"  # a build killed before its flip
+    orphan.mkdir()
+    assert clean_orphan_homes(out) == [orphan]
+    assert not orphan.exists() and (out / "new.txt").is_file()
 
 
 def test_readme_is_kept_and_foreign_folders_are_refused(tiny_ldm_dir, build_dir, capsys):

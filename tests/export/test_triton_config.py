@@ -96,3 +96,19 @@ def test_bad_options_name_the_value():
         TritonOptions("python", device="gpu")
     with pytest.raises(ValueError, match="instances"):
         TritonOptions(instances=0)
+
+
+def test_one_writer_escapes_every_value():
+    # Parameter values are free text (a hand-edited limit, a JSON range): quotes, backslashes
+    # and newlines must come back from Triton's parser exactly as written.
+    from export.triton_config import base_config, config_text, tensor_config
+
+    tricky = 'a "quoted" \\ back\\slash\nnew line ✓'
+    cfg = base_config("m", backend="python", parameters={"note": tricky, 'k"ey': "v"})
+    cfg.input.append(tensor_config("t", "TYPE_INT64", [1], reshape=[]))
+    text = config_text(cfg, "first line\nsecond line")
+    assert text.startswith("# first line\n# second line\n")
+    back = parse(text)
+    assert back.parameters["note"].string_value == tricky
+    assert back.parameters['k"ey'].string_value == "v"
+    assert back.input[0].HasField("reshape") and list(back.input[0].reshape.shape) == []

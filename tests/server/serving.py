@@ -26,20 +26,16 @@ def export_cache(tmp_path_factory) -> Path:
 def build_served_repository(checkpoint: Path, out: Path, work_dir: Path) -> Path:
     """text_encoder, unet, vae_decoder on ONNX Runtime + the pipeline models (test limits)."""
     from export.repository import BuildOptions, build_repository
-    from export.specs import ShapeLimits, build_specs
+    from export.specs import ShapeLimits
     from export.triton_config import TritonOptions
-    from ldm.pretrained import load_pretrained
-    from server.repository import write_pipeline_models
+    from server.repository import PipelineOptions, assemble
 
     limits = ShapeLimits(max_batch=MAX_BATCH)
     options = BuildOptions(models=("text_encoder", "unet", "vae_decoder"), limits=limits,
                            triton=TritonOptions(threads=1))
     build_repository(checkpoint, out, options, work_dir=work_dir, progress=False)
-    model = load_pretrained(checkpoint)
-    write_pipeline_models(out, model, build_specs(model.config, limits), {
-        "limits": TEST_LIMITS, "pipeline_instances": 2,
-        "serving": {"preview": "latent", "max_concurrent": 4},
-    })
+    assemble(out, PipelineOptions(instances=2, limits=TEST_LIMITS,
+                                  serving={"preview": "latent", "max_concurrent": 4}))
     return out
 
 

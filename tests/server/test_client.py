@@ -8,21 +8,26 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from server.client import Txt2ImgError, build_inputs, parse_args, save_pngs
+from server.contract import GenerationRequest
 
 
 @pytest.mark.parametrize("module", [grpcclient, httpclient])
 def test_build_inputs_types_and_shapes(module):
-    inputs = build_inputs(module, prompt="a red circle", num_inference_steps=5,
-                          guidance_scale=7.5, seed=2**40, sampler="ddim", negative_prompt=None)
+    inputs = build_inputs(module, GenerationRequest(
+        prompt="a red circle", steps=5, guidance_scale=7.5, seed=2**40, sampler="ddim",
+        negative_prompt=None))
     got = {i.name(): (i.datatype(), i.shape()) for i in inputs}
     assert got == {"prompt": ("BYTES", [1]), "num_inference_steps": ("INT32", [1]),
                    "guidance_scale": ("FP32", [1]), "seed": ("INT64", [1]),
                    "sampler": ("BYTES", [1])}  # None: left out
 
 
-def test_build_inputs_refuses_unknown_names():
-    with pytest.raises(ValueError, match=r"unknown input\(s\) \['steps'\]"):
-        build_inputs(grpcclient, prompt="x", steps=3)
+def test_requests_refuse_unknown_names():
+    from server.client import as_request
+
+    with pytest.raises(ValueError, match="colour"):
+        as_request("x", {"colour": "red"})
+    assert as_request("x", {"steps": 3, "seed": None}) == GenerationRequest(prompt="x", steps=3)
 
 
 def test_save_pngs(tmp_path):

@@ -3,13 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from server.limits import (
+from server.contract import (
     INPUTS,
     KNOWN_SAMPLERS,
     MAX_SEED,
     GenerationRequest,
     InvalidRequest,
     Limits,
+    PipelineInfo,
+    ServingOptions,
+    check_parameters,
     parse_request,
 )
 
@@ -126,3 +129,61 @@ def test_parameters_need_sizes_and_valid_numbers():
 def test_inconsistent_limits_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Limits(**{"sizes": (16,), **kwargs})
+
+
+def test_the_contract_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, server.contract; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_request_round_trips_through_triton_inputs():
+    req = GenerationRequest(prompt="é ✓", negative_prompt="blurry", steps=7, guidance_scale=2.5,
+                            seed=MAX_SEED, sampler="ddim", num_images=2, height=128, width=320)
+    inputs = req.to_inputs()
+    assert set(inputs) == set(INPUTS)  # the Triton names: steps travels as num_inference_steps
+    assert inputs["num_inference_steps"].dtype == np.int32 and inputs["seed"].dtype == np.int64
+    assert inputs["prompt"][0] == "é ✓".encode()
+    assert GenerationRequest.from_inputs(inputs) == req
+    assert GenerationRequest.from_inputs(inputs).resolve(LIMITS) == req
+    partial = GenerationRequest(prompt="x", steps=3)
+    assert set(partial.to_inputs()) == {"prompt", "num_inference_steps"}  # None: left out
+
+
+def test_request_types_are_strict():
+    with pytest.raises(ValueError, match="steps"):
+        GenerationRequest(prompt="x", steps=2.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        GenerationRequest(prompt="x", guidance_scale="2")
+    with pytest.raises(ValueError, match="colour"):
+        GenerationRequest(prompt="x", colour="red")
+
+
+def test_serving_options_parsed_from_parameters():
+    opts = ServingOptions.from_parameters({"preview": "none", "max_concurrent": " 3 ",
+                                           "sizes": "16"})  # another model's keys: ignored
+    assert (opts.preview, opts.max_concurrent, opts.networks) == ("none", 3, "bls")
+    assert ServingOptions.from_parameters(opts.to_parameters()) == opts
+    with pytest.raises(ValueError, match=r"parameter max_concurrent='0'"):
+        ServingOptions.from_parameters({"max_concurrent": "0"})
+    with pytest.raises(ValueError, match=r"parameter batch_wait_ms='1.5'"):
+        ServingOptions.from_parameters({"batch_wait_ms": "1.5"})
+    with pytest.raises(ValueError, match=r"parameter preview='full'"):
+        ServingOptions.from_parameters({"preview": "full"})
+
+
+def test_unknown_parameters_refused():
+    check_parameters({**LIMITS.to_parameters(), **ServingOptions().to_parameters(),
+                      "EXECUTION_ENV_PATH": "/env"})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['max_step'\]"):
+        check_parameters({"max_step": "3"})
+
+
+def test_pipeline_info_round_trip(tmp_path):
+    info = PipelineInfo(latent_channels=4, downsample_factor=8, parameterization="x0",
+                        max_seq_len=77, scale_factor=0.18215)
+    info.save(tmp_path)
+    assert PipelineInfo.load(tmp_path) == info
+    assert info.target("unet").unsqueeze == ["timestep"]

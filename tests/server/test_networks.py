@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from server.contract import NETWORKS, PipelineInfo
 from server.networks import onnx_function, onnx_networks
-from server.txt2img import PipelineInfo
 
 
 def write_scale_graph(path, inputs: list[str], output: str) -> None:
@@ -41,11 +41,12 @@ def test_onnx_function_refuses_names_the_graph_lacks(tmp_path):
 def test_onnx_networks_opens_the_graphs_pipeline_json_names(tmp_path):
     info = PipelineInfo(latent_channels=4, downsample_factor=4, parameterization="eps",
                         max_seq_len=77, scale_factor=1.0)
-    for name in ("text_encoder", "unet", "vae_decoder"):
-        target = getattr(info, name)
-        target["onnx"] = f"{name}/1/model.onnx"
+    info = info.model_copy(update={name: info.target(name).model_copy(
+        update={"onnx": f"{name}/1/model.onnx"}) for name in NETWORKS})
+    for name in NETWORKS:
+        target = info.target(name)
         (tmp_path / name / "1").mkdir(parents=True)
-        write_scale_graph(tmp_path / target["onnx"], target["inputs"], target["output"])
+        write_scale_graph(tmp_path / target.onnx, target.inputs, target.output)
     fns = onnx_networks(tmp_path, info, threads=1)
     x = np.ones((1, 3), np.float32)
     assert sorted(fns) == ["text_encoder", "unet", "vae_decoder"]

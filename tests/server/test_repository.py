@@ -1,6 +1,10 @@
-"""write_pipeline_models: the files it writes, checked with Triton's own config schema."""
+"""server.repository.assemble: the pipeline models it adds to a built repository, checked
+with Triton's own config schema. The built repository is made here as export/repository.py
+writes it (manifest.json, model_config.yaml, one folder per network), without the ONNX
+export: the pipeline step reads only those files."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,27 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.specs import ShapeLimits, build_specs
+from export.steps import model_config_dict, spec_summary
 from ldm.modules.text_encoder import BERTTokenizer
-from server.limits import INPUTS, Limits
-from server.repository import (
-    PIPELINE_SOURCES,
-    PROJECT_ROOT,
-    default_limits,
-    read_pipeline_config,
-    supported_sizes,
-    write_pipeline_models,
-)
-from server.txt2img import PipelineInfo, ServingOptions
+from server.contract import INPUTS, Limits, PipelineInfo, ServingOptions
+from server.pipeline_facts import default_limits, large_model_caps, supported_sizes
+from server.repository import PipelineOptions, assemble, read_pipeline_config
 from tests.conftest import make_tiny_ldm
 
-# What export/repository.py passes (its _write_pipeline).
-EXPORT_OPTIONS = {"backend": "python", "models": ["text_encoder", "unet", "vae_decoder"],
-                  "model_config": "model_config.yaml", "instance_kind": "KIND_CPU",
-                  "instances": 1, "max_batch": 3, "weights": "ema"}
+NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +38,34 @@ def specs(model):
     return build_specs(model.config, ShapeLimits(max_batch=3, min_latent=2, max_latent=8))
 
 
+def write_built(out: Path, model, specs, backend: str = "python",
+                networks=NETWORKS, unet_bytes: int = 1000) -> Path:
+    """The files export/repository.py leaves in `out` that the pipeline step reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in networks:
+        (out / name / "1").mkdir(parents=True)
+        (out / name / "config.pbtxt").write_text(f'name: "{name}"\n')
+        (out / name / "1" / "model.onnx").write_bytes(b"\0" * (unet_bytes if name == "unet"
+                                                               else 10))
+    manifest = {"backend": backend, "model_config": "model_config.yaml",
+                "models": {name: spec_summary(specs[name]) for name in networks}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "model_config.yaml").write_text(yaml.safe_dump(model_config_dict(model)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def repo(model, specs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("repo")
-    written = write_pipeline_models(out, model, specs, {
-        **EXPORT_OPTIONS, "pipeline_instances": 3,
-        "limits": {"max_steps": 30, "sizes": [16, 32]},
-        "serving": {"preview_every": 2}})
+    out = write_built(tmp_path_factory.mktemp("repo") / "r", model, specs)
+    written = assemble(out, PipelineOptions(instances=3,
+                                            limits={"max_steps": 30, "sizes": [16, 32]},
+                                            serving={"preview_every": 2}))
     assert written == ["ldm_txt2img", "ldm_txt2img_stream"]
     return out
+
+
+def networks(specs) -> dict:
+    return {name: spec_summary(specs[name]) for name in NETWORKS}
 
 
 def read_config(path) -> model_config_pb2.ModelConfig:
@@ -58,17 +73,17 @@ def read_config(path) -> model_config_pb2.ModelConfig:
 
 
 def test_sizes_and_image_count_follow_the_specs(model, specs):
-    assert supported_sizes(model, specs) == [16, 8, 24, 32]  # trained size first
-    limits = default_limits(model, specs)
+    assert supported_sizes(model.config, networks(specs)) == [16, 8, 24, 32]  # trained first
+    limits = default_limits(model.config, networks(specs))
     assert limits.sizes == (16, 8, 24, 32) and limits.default_size == 16
     assert limits.max_images == 3  # vae batch 3, guided unet batch 6 / 2
 
 
 def test_lowered_max_steps_lowers_the_default(model, specs):
-    limits = default_limits(model, specs, {"max_steps": 10})
+    limits = default_limits(model.config, networks(specs), {"max_steps": 10})
     assert (limits.max_steps, limits.default_steps) == (10, 10)
     with pytest.raises(ValueError, match="exceeds the model's 1000 timesteps"):
-        default_limits(model, specs, {"max_steps": 1001})
+        default_limits(model.config, networks(specs), {"max_steps": 1001})
 
 
 def test_configs_parse_with_tritons_schema(repo):
@@ -102,58 +117,52 @@ def test_configs_parse_with_tritons_schema(repo):
 def test_networks_follow_the_backend(model, specs, tmp_path, backend, networks):
     # ONNX Runtime Python-backend models (CPU): the pipeline opens their graphs itself.
     # Triton's own backends (TensorRT engines, onnxruntime_onnx on a GPU): BLS calls.
-    write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS, "backend": backend})
+    assemble(write_built(tmp_path / "r", model, specs, backend))
+    tmp_path = tmp_path / "r"
     params = {k: v.string_value for k, v in
               read_config(tmp_path / "ldm_txt2img" / "config.pbtxt").parameters.items()}
     assert ServingOptions.from_parameters(params).networks == networks
     info = PipelineInfo.load(tmp_path / "ldm_txt2img" / "1")
-    assert (info.unet["onnx"] is None) is (backend == "tensorrt")
+    assert (info.unet.onnx is None) is (backend == "tensorrt")
 
 
 def test_served_models_leave_out_networks_the_pipeline_runs_itself(model, specs, tmp_path):
     from server.repository import served_models
 
-    for name in ("text_encoder", "unet", "vae_decoder"):  # stand-ins for exported networks
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\n')
-    write_pipeline_models(tmp_path, model, specs, EXPORT_OPTIONS)  # networks: onnxruntime
+    tmp_path = write_built(tmp_path / "r", model, specs)
+    assemble(tmp_path)  # networks: onnxruntime
     assert served_models(tmp_path) == ("ldm_txt2img", "ldm_txt2img_stream")
     assert set(served_models(tmp_path, components=True)) == {
         "ldm_txt2img", "ldm_txt2img_stream", "text_encoder", "unet", "vae_decoder"}
-    write_pipeline_models(tmp_path, model, specs, {**EXPORT_OPTIONS,
-                                                   "serving": {"networks": "bls"}})
+    assemble(tmp_path, PipelineOptions(serving={"networks": "bls"}))
     assert "unet" in served_models(tmp_path)  # BLS calls them: they must be loaded
 
 
-def test_large_models_get_batch_caps(model):
-    # The paper's 1.45 B model, built without weights (meta): UNet and VAE runs are capped.
-    import yaml
-
-    from ldm.checkpoints import empty_weights
-    from ldm.compat import ldm_config
-    from ldm.models.diffusion import LatentDiffusion
-    from server.repository import large_model_caps
-
-    config = Path(__file__).parents[2] / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
-    with empty_weights():
-        big = LatentDiffusion(ldm_config(yaml.safe_load(config.read_text())["model"]))
-    assert sum(p.numel() for p in big.parameters()) > 1.5e9
-    assert large_model_caps(big) == {"unet_max_batch": 4, "vae_max_batch": 1}
-    assert large_model_caps(model) == {}  # the tiny one: batching pays, no caps
-    assert ServingOptions(**large_model_caps(big)).unet_max_batch == 4
+def test_large_models_get_batch_caps(model, specs, tmp_path):
+    # The paper's UNet (872 M parameters, 3.5 GB in fp32): UNet and VAE runs are capped.
+    assert large_model_caps(872_000_000 * 4) == {"unet_max_batch": 4, "vae_max_batch": 1}
+    tiny = sum(p.numel() * 4 for p in model.model.parameters())
+    assert large_model_caps(tiny) == {}  # the tiny one: batching pays, no caps
+    # assemble reads the served UNet file's size (sparse: no disk used).
+    out = write_built(tmp_path / "r", model, specs)
+    with open(out / "unet" / "1" / "model.onnx", "r+b") as f:
+        f.truncate(872_000_000 * 4)
+    assemble(out)
+    serving = read_pipeline_config(out / "ldm_txt2img_stream")[1]
+    assert (serving.unet_max_batch, serving.vae_max_batch) == (4, 1)
 
 
-def test_the_front_model_needs_the_streaming_model(model, specs, tmp_path):
+def test_the_front_model_needs_the_streaming_model():
     # ldm_txt2img holds no networks: it passes requests to ldm_txt2img_stream.
     with pytest.raises(ValueError, match="write both"):
-        write_pipeline_models(tmp_path, model, specs, {"pipeline_models": ["ldm_txt2img"]})
+        PipelineOptions(models=("ldm_txt2img",))
 
 
 def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
     with pytest.raises(ValueError, match="TensorRT repository has engines only: use networks=bls"):
-        write_pipeline_models(tmp_path, model, specs, {
-            **EXPORT_OPTIONS, "backend": "tensorrt", "serving": {"networks": "onnxruntime"}})
-    with pytest.raises(ValueError, match="networks 'gpu'; allowed"):
+        assemble(write_built(tmp_path / "r", model, specs, "tensorrt"),
+                 PipelineOptions(serving={"networks": "onnxruntime"}))
+    with pytest.raises(ValueError, match="networks\n  Input should be 'onnxruntime' or 'bls'"):
         ServingOptions(networks="gpu")
 
 
@@ -171,10 +180,10 @@ def test_pipeline_facts(repo, model):
     assert (info.latent_channels, info.downsample_factor, info.parameterization,
             info.max_seq_len, info.scale_factor) == (4, 4, "eps", 77, 0.5)
     # The UNet's (B,) timestep is declared dims [1] + reshape in the batched unet config.
-    assert info.unet == {"model": "unet", "inputs": ["latent", "timestep", "context"],
-                         "output": "noise_pred", "unsqueeze": ["timestep"],
-                         "onnx": "unet/1/model.onnx", "max_batch": 6}
-    assert info.text_encoder["unsqueeze"] == [] and info.vae_decoder["output"] == "image"
+    assert info.unet.model_dump() == {
+        "model": "unet", "inputs": ["latent", "timestep", "context"], "output": "noise_pred",
+        "unsqueeze": ["timestep"], "onnx": "unet/1/model.onnx", "max_batch": 6}
+    assert info.text_encoder.unsqueeze == [] and info.vae_decoder.output == "image"
     alphas = np.load(version / "alphas_cumprod.npy")
     assert alphas.dtype == np.float32
     np.testing.assert_array_equal(alphas, model.alphas_cumprod.numpy())
@@ -189,35 +198,46 @@ def test_tokenizer_is_saved_with_identical_ids(repo, model):
     assert ids[0, :3].tolist() == [101, 1037, 2417]  # [CLS] a red: bert-base-uncased ids
 
 
-def test_model_folders_are_self_contained(repo):
-    version = repo / "ldm_txt2img" / "1"
-    for rel in PIPELINE_SOURCES:
-        assert (version / rel).read_bytes() == (PROJECT_ROOT / rel).read_bytes(), rel
+def test_model_folders_hold_no_copies_of_the_code(repo):
+    # model.py imports the installed package: the folder holds its data files only.
+    version = repo / "ldm_txt2img_stream" / "1"
+    assert sorted(p.name for p in version.iterdir()) == [
+        "alphas_cumprod.npy", "model.py", "pipeline.json", "tokenizer"]
+    root = Path(__file__).parents[2]
     assert (version / "model.py").read_bytes() == (
-        PROJECT_ROOT / "server" / "triton_models" / "ldm_txt2img" / "model.py").read_bytes()
-    # The copied modules import without this project on the path.
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ldm.pipeline, server.txt2img, "
-            "ldm.modules.text_encoder; assert server.txt2img.__file__.startswith(sys.argv[1])")
+        root / "server" / "triton_models" / "ldm_txt2img_stream" / "model.py").read_bytes()
+    # What it imports resolves, from another folder and without PYTHONPATH, to the installed
+    # package (this checkout, installed editable).
+    code = ("import server.contract, server.txt2img, export.python_backend; "
+            "print(server.txt2img.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", code, str(version)], cwd=repo, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert Path(out) == root / "server" / "txt2img.py"
 
 
 def test_rejects_bad_options(model, specs, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown pipeline option\(s\) \['colour'\]"):
-        write_pipeline_models(tmp_path, model, specs, {"colour": "red"})
+    out = write_built(tmp_path / "r", model, specs)
     with pytest.raises(ValueError, match=r"sizes \[20\] are not covered"):
-        write_pipeline_models(tmp_path, model, specs, {"limits": {"sizes": [16, 20]}})
+        assemble(out, PipelineOptions(limits={"sizes": [16, 20]}))
     with pytest.raises(ValueError, match="max_images 4 exceeds"):
-        write_pipeline_models(tmp_path, model, specs, {"limits": {"max_images": 4}})
+        assemble(out, PipelineOptions(limits={"max_images": 4}))
     with pytest.raises(ValueError, match=r"unknown limit\(s\) \['max_step'\]"):
-        write_pipeline_models(tmp_path, model, specs, {"limits": {"max_step": 4}})
+        assemble(out, PipelineOptions(limits={"max_step": 4}))
     with pytest.raises(ValueError, match="unknown pipeline model"):
-        write_pipeline_models(tmp_path, model, specs, {"pipeline_models": ["txt2img"]})
-    assert not any(tmp_path.iterdir())
+        PipelineOptions(models=("txt2img", "ldm_txt2img_stream"))
+    with pytest.raises(ValueError, match="preview_every"):
+        assemble(out, PipelineOptions(serving={"preview_every": 0}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folder left
+    assert not (out / "ldm_txt2img").exists()
 
 
 def test_skipped_without_the_models_it_calls(model, specs, tmp_path):
-    assert write_pipeline_models(tmp_path, model, specs,
-                                 {**EXPORT_OPTIONS, "models": ["unet", "vae_decoder"]}) == []
-    assert not any(tmp_path.iterdir())
+    out = write_built(tmp_path / "r", model, specs, networks=("unet", "vae_decoder"))
+    assert assemble(out) == []
+    assert not (out / "ldm_txt2img_stream").exists()
 
+
+def test_needs_a_built_repository(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json: build it first"):
+        assemble(tmp_path)

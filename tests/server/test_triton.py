@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from server.triton import (
-    PROJECT_ROOT,
     TritonServer,
+    check_package_importable,
     find_tritonserver,
     free_ports,
     main,
@@ -84,7 +86,7 @@ def test_server_dies_with_its_parent(tmp_path):
             "s = TritonServer(sys.argv[1]).start(); print(s.process.pid, flush=True); "
             "time.sleep(600)")
     launcher = subprocess.Popen([sys.executable, "-c", code, str(repo)], stdout=subprocess.PIPE,
-                                text=True, cwd=PROJECT_ROOT)
+                                text=True, cwd=Path(__file__).parents[2])
     pid = int(launcher.stdout.readline())
     launcher.kill()
     launcher.wait()
@@ -97,3 +99,13 @@ def test_server_dies_with_its_parent(tmp_path):
         time.sleep(0.2)
     os.kill(pid, 9)
     raise AssertionError("tritonserver outlived its parent")
+
+
+def test_models_find_the_installed_package():
+    # Triton's Python models import this project: the launch checks the interpreter finds it
+    # from another folder, and names the fix when it does not.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    check_package_importable(env)  # this environment: installed by `make setup`
+    bare = shutil.which("python3", path="/usr/bin:/bin")
+    with pytest.raises(RuntimeError, match=r"cannot import ldm, export, server: install"):
+        check_package_importable(env, python=bare)

@@ -38,9 +38,9 @@ def served_model(served_ldm_dir):
 @pytest.fixture(scope="module")
 def repository(served_ldm_dir, served_model, tmp_path_factory):
     from export.repository import BuildOptions, build_repository
-    from export.specs import ShapeLimits, build_specs
+    from export.specs import ShapeLimits
     from export.triton_config import TritonOptions
-    from server.repository import write_pipeline_models
+    from server.repository import PipelineOptions, assemble
 
     tmp = tmp_path_factory.mktemp("triton")
     out = tmp / "model_repository"
@@ -48,12 +48,11 @@ def repository(served_ldm_dir, served_model, tmp_path_factory):
     options = BuildOptions(models=("text_encoder", "unet", "vae_decoder"), limits=limits,
                            triton=TritonOptions(threads=1))
     build_repository(served_ldm_dir, out, options, work_dir=tmp / "work", progress=False)
-    assert (out / "ldm_txt2img" / "config.pbtxt").is_file()  # written by the export step
-    write_pipeline_models(out, served_model, build_specs(served_model.config, limits), {
-        "limits": {"max_steps": 1000, "default_steps": 4},
-        "pipeline_instances": 2,
-        "serving": {"preview": "latent", "max_concurrent": 4},
-    })
+    assert not (out / "ldm_txt2img").exists()  # the export writes the networks only
+    assert assemble(out, PipelineOptions(
+        instances=2, limits={"max_steps": 1000, "default_steps": 4},
+        serving={"preview": "latent", "max_concurrent": 4})) == ["ldm_txt2img",
+                                                                  "ldm_txt2img_stream"]
     return out
 
 
@@ -149,12 +148,13 @@ def test_cancelled_plain_request_stops_the_loop(server, client):
     # ldm_txt2img passes requests to ldm_txt2img_stream; a client's cancel must still reach
     # the loop there (Triton 2.51's BLS cannot cancel: a cancel message does).
     from server.client import build_inputs
+    from server.contract import GenerationRequest
 
     _, before = unet_counts(server)
     raw = grpcclient.InferenceServerClient(server.grpc_url)
     outcome = []
-    call = raw.async_infer("ldm_txt2img", build_inputs(grpcclient, prompt=PROMPT,
-                                                       num_inference_steps=1000),
+    call = raw.async_infer("ldm_txt2img",
+                           build_inputs(grpcclient, GenerationRequest(prompt=PROMPT, steps=1000)),
                            callback=lambda result, error: outcome.append(error))
     t0 = time.monotonic()
     while unet_counts(server)[1] - before < 3:
@@ -202,15 +202,12 @@ def test_bls_networks_give_the_same_images(repository, served_model, client, tmp
     # through Triton instead of opening its ONNX graph; same loop, same images.
     import shutil
 
-    from export.specs import ShapeLimits, build_specs
-    from server.repository import write_pipeline_models
+    from server.repository import PipelineOptions, assemble
 
     repo = tmp_path / "model_repository"
     shutil.copytree(repository, repo)
-    write_pipeline_models(repo, served_model, build_specs(served_model.config,
-                                                          ShapeLimits(max_batch=MAX_BATCH)),
-                          {"serving": {"networks": "bls"},
-                           "limits": {"max_steps": 1000, "default_steps": 4}})
+    assemble(repo, PipelineOptions(serving={"networks": "bls"},
+                                   limits={"max_steps": 1000, "default_steps": 4}))
     kw = dict(seed=4, steps=5, num_images=2, guidance_scale=5.0)
     with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as bls_server:
         with Txt2ImgClient(bls_server.grpc_url, timeout=60) as bls_client:

@@ -9,15 +9,12 @@ import torch
 
 from ldm.pipeline import Txt2ImgPipeline
 from server.batching import CallBatcher
-from server.limits import GenerationRequest, Limits
+from server.contract import GenerationRequest, PipelineInfo, ServingOptions
 from server.txt2img import (
     Cancelled,
     EmbeddingCache,
-    PipelineInfo,
     Progress,
-    ServingOptions,
     Txt2ImgService,
-    check_parameters,
     latent_preview,
 )
 from tests.server.conftest import make_prompt_sensitive_ldm, psnr
@@ -216,27 +213,8 @@ def test_latent_preview_closed_form():
     assert (grey == 159).all()  # round((0.25 + 1) * 127.5) = 159
 
 
-def test_serving_options_parameters_round_trip():
-    opts = ServingOptions(preview="none", preview_every=3, embedding_cache=8, torch_threads=2,
-                          max_concurrent=5)
-    assert ServingOptions.from_parameters(opts.to_parameters()) == opts
-    with pytest.raises(ValueError, match="preview 'full'"):
-        ServingOptions(preview="full")
-    with pytest.raises(ValueError, match="not an integer"):
-        ServingOptions.from_parameters({"preview_every": "often"})
-
-
-def test_unknown_parameters_are_refused():
-    params = {**Limits(sizes=(16,)).to_parameters(), **ServingOptions().to_parameters(),
-              "EXECUTION_ENV_PATH": "/env.tar.gz"}
-    check_parameters(params)
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['max_step'\]"):
-        check_parameters({**params, "max_step": "3"})
-
-
-def test_pipeline_info_round_trip(tmp_path):
-    info = PipelineInfo(latent_channels=4, downsample_factor=8, parameterization="x0",
-                        max_seq_len=77, scale_factor=0.18215)
-    info.save(tmp_path)
-    assert PipelineInfo.load(tmp_path) == info
-    assert info.unet["unsqueeze"] == ["timestep"]
+def test_unresolved_requests_are_refused(model):
+    service, rec = make_service(model)
+    with pytest.raises(ValueError, match=r"fields \['seed'\] unset: resolve it"):
+        service.generate(request(seed=None))
+    assert rec.unet_batches == []

@@ -12,26 +12,25 @@ polls the requests in flight, and when a client cancels one it sends `ldm_txt2im
 second request with the parameter `cancel: <id>`; that stops the first one before its next
 UNet call, and the client gets its CANCELLED error.
 
-`execute` returns at once; a pool of threads waits on the BLS responses and answers through
-each request's response sender (allowed for non-decoupled models).
+`execute` returns at once; a `server.concurrency.RequestPool` of threads waits on the BLS
+responses and answers through each request's response sender (allowed for non-decoupled
+models). Each request is validated here, at this model's edge (a BLS error from the target
+comes back without its status), and passed on resolved: every field set, the seed drawn.
 """
 import json
-import sys
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-# The modules copied beside this file win over any other copy on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import triton_python_backend_utils as pb_utils  # exists only inside Triton
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
-
-from server.limits import InvalidRequest, Limits, parse_request  # noqa: E402 - no torch
+# The installed package (pip install -e .); no torch here.
+from server.concurrency import RequestPool
+from server.contract import OUTPUTS as OUTPUT_SPECS
+from server.contract import GenerationRequest, InvalidRequest, Limits, ServingOptions
 
 TARGET = "ldm_txt2img_stream"
-OUTPUTS = ["images", "warnings", "used_seed"]
+OUTPUTS = list(OUTPUT_SPECS)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -52,11 +51,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         # Twice the target's slots: requests waiting here are cheap, and the target queues.
-        # Checked here too, so a bad value is answered without a hop (and as INVALID_ARG).
+        options = ServingOptions.from_parameters(params)
         self.limits = Limits.from_parameters(params)
-        workers = 2 * int(params.get("max_concurrent", "8"))
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ldm_txt2img")
-        self.closing = False
+        self.pool = RequestPool(2 * options.max_concurrent, "ldm_txt2img")
         # request_id -> [the client's request, or None once answered]; with `lock` held, so
         # the watcher never asks a request that has been answered: Triton 2.51 frees its
         # response factory with the final response, and is_cancelled() then segfaults.
@@ -70,30 +67,38 @@ class TritonPythonModel:
         for request in requests:
             # Copied now: the thread may run after execute() has returned.
             inputs = {t.name(): t.as_numpy().copy() for t in request.inputs()}
-            self.pool.submit(self.run, request, inputs)
+            self.pool.submit(self.run, self.reject, request, inputs)
         return None
+
+    def reject(self, request, inputs):
+        request.get_response_sender().send(pb_utils.InferenceResponse(
+            error=_error("the model is being unloaded", "UNAVAILABLE")), flags=FINAL)
 
     def run(self, request, inputs):
         sender = request.get_response_sender()
-        if self.closing:
-            sender.send(pb_utils.InferenceResponse(
-                error=_error("the model is being unloaded", "UNAVAILABLE")), flags=FINAL)
-            return
         try:
-            parse_request(inputs, self.limits)
+            req = GenerationRequest.from_inputs(inputs).resolve(self.limits)
         except InvalidRequest as e:
             sender.send(pb_utils.InferenceResponse(error=_error(str(e), "INVALID_ARG")),
                         flags=FINAL)
             return
         request_id = uuid.uuid4().hex
-        tensors = [pb_utils.Tensor(name, array) for name, array in inputs.items()]
+        tensors = [pb_utils.Tensor(name, array) for name, array in req.to_inputs().items()]
         bls = pb_utils.InferenceRequest(
             model_name=TARGET, inputs=tensors, requested_output_names=OUTPUTS,
             parameters={"progress": "none", "request_id": request_id})
-        final = None
         entry = [request]
         with self.lock:
             self.inflight[request_id] = entry
+        final = self.forward(bls)
+        with self.lock:
+            self.inflight.pop(request_id, None)
+            entry[0] = None
+        sender.send(final, flags=FINAL)
+
+    def forward(self, bls):
+        """The target's final response to `bls`, as this model's response."""
+        final = None
         try:
             for response in bls.exec(decoupled=True):
                 if response.has_error():
@@ -105,10 +110,7 @@ class TritonPythonModel:
         if final is None:
             final = pb_utils.InferenceResponse(error=_error(f"{TARGET} sent no images",
                                                             "INTERNAL"))
-        with self.lock:
-            self.inflight.pop(request_id, None)
-            entry[0] = None
-        sender.send(final, flags=FINAL)
+        return final
 
     def watch(self):
         cancelled = set()
@@ -134,6 +136,5 @@ class TritonPythonModel:
             pass
 
     def finalize(self):
-        self.closing = True
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown()
         self.stop.set()

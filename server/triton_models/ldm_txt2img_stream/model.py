@@ -4,7 +4,8 @@ The one model that holds the networks; `ldm_txt2img` passes its requests on to t
 Sends one response per sampler step (`step`, `total` and a low-resolution `preview`), then a
 final one with `images`, `warnings` and `used_seed`; over gRPC streaming or HTTP
 `POST /v2/models/ldm_txt2img_stream/generate_stream` (server-sent events). Each request runs
-in its own thread (at most `max_concurrent` at once), so one instance serves several clients
+on a `server.concurrency.RequestPool` thread (at most `max_concurrent` at once; the rest
+wait their turn), so one instance serves several clients
 and their UNet calls meet: in this process's `server.batching.CallBatcher` (networks:
 onnxruntime) or in `unet`'s dynamic batcher (networks: bls). A cancelled request stops
 before its next UNet call.
@@ -15,17 +16,15 @@ Request parameters (optional): `progress: none` sends the final response only (w
 final response (the launcher's liveness probe: a wedged stub does not answer).
 """
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_python_backend_utils as pb_utils  # exists only inside Triton
 
-import triton_python_backend_utils as pb_utils  # noqa: E402 - exists only inside Triton
-
-from server import bls  # noqa: E402
-from server.limits import parse_request  # noqa: E402
+# The installed package (pip install -e .).
+from server import bls
+from server.concurrency import RequestPool
+from server.contract import GenerationRequest
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_MEMORY_S = 600.0  # a cancel that arrives before its request is kept this long
@@ -41,8 +40,7 @@ def request_parameters(request) -> dict:
 class TritonPythonModel:
     def initialize(self, args):
         self.service, self.limits, options = bls.load_service(args)
-        self.slots = threading.Semaphore(options.max_concurrent)
-        self.threads: set[threading.Thread] = set()
+        self.pool = RequestPool(options.max_concurrent, "ldm_txt2img_stream")
         self.cancelled: dict[str, float] = {}  # request_id -> when the cancel came
         self.lock = threading.Lock()
 
@@ -54,9 +52,13 @@ class TritonPythonModel:
                     self.mark_cancelled(str(params["cancel"]))
                 request.get_response_sender().send(flags=FINAL)
                 continue
-            thread = threading.Thread(target=self.run, args=(request, params), daemon=True)
-            self.threads.add(thread)
-            thread.start()
+            try:  # validated here, at once: a bad request does not wait for a slot
+                req = GenerationRequest.from_inputs(bls.read_inputs(request)).resolve(
+                    self.limits)
+            except Exception as e:  # noqa: BLE001 - becomes this request's error
+                self.answer_error(request, e)
+                continue
+            self.pool.submit(self.run, self.reject, request, req, params)
         return None  # decoupled: responses go through each request's sender
 
     def mark_cancelled(self, request_id: str) -> None:
@@ -66,7 +68,14 @@ class TritonPythonModel:
                               if now - t < CANCEL_MEMORY_S}
             self.cancelled[request_id] = now
 
-    def run(self, request, params):
+    def answer_error(self, request, exc):
+        request.get_response_sender().send(pb_utils.InferenceResponse(error=bls.error_for(exc)),
+                                           flags=FINAL)
+
+    def reject(self, request, req, params):
+        self.answer_error(request, bls.Unavailable("the model is being unloaded"))
+
+    def run(self, request, req, params):
         sender = request.get_response_sender()
         request_id = str(params.get("request_id", ""))
 
@@ -77,19 +86,15 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(bls.progress_tensors(p)))
 
         try:
-            req = parse_request(bls.read_inputs(request), self.limits)
-            with self.slots:
-                result = self.service.generate(
-                    req, on_progress=None if params.get("progress") == "none" else on_progress,
-                    is_cancelled=is_cancelled)
+            result = self.service.generate(
+                req, on_progress=None if params.get("progress") == "none" else on_progress,
+                is_cancelled=is_cancelled)
             sender.send(pb_utils.InferenceResponse(bls.result_tensors(result)), flags=FINAL)
         except Exception as e:  # noqa: BLE001 - becomes this request's error
             sender.send(pb_utils.InferenceResponse(error=bls.error_for(e)), flags=FINAL)
         finally:
-            self.threads.discard(threading.current_thread())
             with self.lock:
                 self.cancelled.pop(request_id, None)
 
     def finalize(self):
-        for thread in list(self.threads):
-            thread.join(timeout=10)
+        self.pool.shutdown()
