@@ -10,7 +10,10 @@ Steps (each skipped when its cached result is up to date):
    backend serves (export/steps.py, cached under `work_dir`);
 3. write the repository into a temporary folder beside `out`: one folder per network with
    `config.pbtxt` and `1/<model file>`, `model_config.yaml` (the model's config in our
-   checkpoint format, effective scale_factor included) and `manifest.json` at the root;
+   checkpoint format, effective scale_factor included), `alphas_cumprod.npy` (the
+   checkpoint's own abar_t buffer, which a sampler needs beside the networks: it may differ
+   from the config's schedule, e.g. rounded to fp16 in a packed checkpoint) and
+   `manifest.json` at the root;
 4. swap it in atomically (export/cache.py): a failure in any step leaves the previous
    repository untouched. Top-level files of the old repository that the build does not
    write (a README) are carried over.
@@ -28,6 +31,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -60,12 +64,13 @@ from export.triton_config import TritonOptions, model_config
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "model_config.yaml"
+SCHEDULE = "alphas_cumprod.npy"  # (T,) float32 abar_t, as the checkpoint holds it
 # Sources whose changes change the exported graphs, and those that change only the repository.
 GRAPH_SOURCES = ("ldm/models", "ldm/modules", "ldm/config.py", "ldm/compat.py",
                  "ldm/pretrained.py", "export/specs.py", "export/onnx_export.py")
 REPOSITORY_SOURCES = ("export",)
 
-__all__ = ["MODELS", "MODEL_CONFIG", "BuildOptions", "BuildReport", "build_repository",
+__all__ = ["MODELS", "MODEL_CONFIG", "SCHEDULE", "BuildOptions", "BuildReport", "build_repository",
            "ldm_config"]
 
 
@@ -151,8 +156,10 @@ def _write_repository(build: Builder, keys: _Keys, served: dict[str, Path],
         _carry_over(out, tmp)
         for name in options.models:
             _write_model_dir(tmp, keys.specs[name], options.triton, served[name])
-        cfg = _model_config(build)
-        (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        model = build.loaded_model()  # memory-mapped: only its config and buffers are read
+        (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(model_config_dict(model),
+                                                       sort_keys=False))
+        np.save(tmp / SCHEDULE, model.alphas_cumprod.detach().float().numpy())
         weights = {p.get("weights", "unknown") for p in report.parity.values()}
         report.weights = weights.pop() if len(weights) == 1 else "mixed: " + str(sorted(weights))
         manifest = {
@@ -163,7 +170,7 @@ def _write_repository(build: Builder, keys: _Keys, served: dict[str, Path],
             "weights": report.weights,
             "backend": options.triton.backend, "requested_backend": keys.requested,
             "tensorrt": keys.trt_info, "options": asdict(options), "versions": keys.versions,
-            "models": entries, "model_config": MODEL_CONFIG,
+            "models": entries, "model_config": MODEL_CONFIG, "schedule": SCHEDULE,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -201,23 +208,12 @@ def ldm_config(checkpoint: Path, compvis_config: Path | None):
     return compvis_ldm_config(model_sec)
 
 
-def _model_config(build: Builder) -> dict:
-    """model_config.yaml's content, without loading the weights when nothing needed them. A
-    data-estimated scale_factor is a buffer in the weights: then the model is loaded."""
-    cfg = ldm_config(build.checkpoint, build.compvis_config)
-    if build.model is not None or cfg.diffusion.scale_by_std:
-        return model_config_dict(build.loaded_model())
-    from ldm.config import to_dict
-
-    return {"kind": "ldm", "config": to_dict(cfg)}
-
-
 def _carry_over(out: Path, tmp: Path) -> None:
     """Keep top-level files of the old repository that this build does not write."""
     if not out.is_dir():
         return
     for f in out.iterdir():
-        if f.is_file() and f.name not in (MANIFEST, MODEL_CONFIG):
+        if f.is_file() and f.name not in (MANIFEST, MODEL_CONFIG, SCHEDULE):
             shutil.copy2(f, tmp / f.name)
 
 

@@ -5,7 +5,7 @@
 
 The serving side's step on top of what export/build_engines.py writes: it reads only the
 repository (`manifest.json`: the networks' tensors and profiles; `model_config.yaml`: the
-model's config), never the checkpoint. `python -m server` runs it after every export.
+model's config; `alphas_cumprod.npy`: its schedule), never the checkpoint. `python -m server` runs it after every export.
 
 `ldm_txt2img_stream` (decoupled) holds the networks and runs the loop; `ldm_txt2img` is a
 thin front that passes each request on to it through BLS, so the weights are resident once
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 MODEL_CONFIG = "model_config.yaml"  # export.repository.MODEL_CONFIG
+SCHEDULE = "alphas_cumprod.npy"  # export.repository.SCHEDULE
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ class Built:
         data = yaml.safe_load((self.repo / manifest.get("model_config", MODEL_CONFIG))
                               .read_text())
         self.config = from_dict(LDMConfig, data["config"])
+        schedule = self.repo / manifest.get("schedule", SCHEDULE)
+        if not schedule.is_file():
+            raise FileNotFoundError(f"{repo} has no {schedule.name}: it was built by an older "
+                                    "version; rebuild it (python export/build_engines.py "
+                                    "--force ...)")
+        self.alphas_cumprod = np.load(schedule).astype(np.float32)
 
     def network_bytes(self, name: str) -> int:
         """Bytes of the files a network's model serves (its weights, nearly all)."""
@@ -157,7 +164,6 @@ def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
 
 def _write_model(built: Built, name: str, limits: Limits, serving: ServingOptions,
                  instances: int) -> None:
-    from ldm.models.schedule import alphas_cumprod
     from ldm.modules.text_encoder import load_bert_tokenizer
 
     final = built.repo / name
@@ -168,7 +174,7 @@ def _write_model(built: Built, name: str, limits: Limits, serving: ServingOption
         shutil.copy2(TEMPLATES / name / "model.py", version / "model.py")
         save_tokenizer(load_bert_tokenizer(built.config.cond_stage.max_seq_len).tokenizer,
                        version / TOKENIZER_DIR)
-        np.save(version / ALPHAS_FILE, alphas_cumprod(built.config.diffusion).astype(np.float32))
+        np.save(version / ALPHAS_FILE, built.alphas_cumprod)
         built.pipeline_info().save(version)
         (tmp / "config.pbtxt").write_text(config_text(
             pipeline_config(name, limits, serving, instances),

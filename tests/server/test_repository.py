@@ -48,7 +48,9 @@ def write_built(out: Path, model, specs, backend: str = "python",
         (out / name / "1" / "model.onnx").write_bytes(b"\0" * (unet_bytes if name == "unet"
                                                                else 10))
     manifest = {"backend": backend, "model_config": "model_config.yaml",
+                "schedule": "alphas_cumprod.npy",
                 "models": {name: spec_summary(specs[name]) for name in networks}}
+    np.save(out / "alphas_cumprod.npy", model.alphas_cumprod.numpy())
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "model_config.yaml").write_text(yaml.safe_dump(model_config_dict(model)))
     return out
