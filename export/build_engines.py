@@ -25,6 +25,7 @@ from export.triton_config import BACKENDS, DEVICES  # noqa: E402 - light, no tor
 
 MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 ORT_LEVELS = ("auto", "extended", "all")
+OPENVINO_PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=1, help="Triton instances per model")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: cores)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--openvino-precision", default="fp32",
+                   help="--backend openvino: fp32, bf16 or auto (bf16 where the CPU has it)")
+    p.add_argument("--openvino-parity", default="",
+                   help="comma-separated precisions to check the served graphs at on OpenVINO "
+                        "(for a pipeline that runs them there)")
     p.add_argument("--work-dir", type=Path, default=Path("build/export"),
                    help="cache of ONNX files and engines")
     p.add_argument("--force", action="store_true", help="rebuild everything")
@@ -65,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     choice("--backend", args.backend, BACKENDS)
     choice("--device", args.device, DEVICES)
     choice("--ort-level", args.ort_level, ORT_LEVELS)
+    choice("--openvino-precision", args.openvino_precision, OPENVINO_PRECISIONS)
+    args.openvino_parity = tuple(x.strip() for x in args.openvino_parity.split(",") if x.strip())
+    for x in args.openvino_parity:
+        choice("--openvino-parity entry", x, OPENVINO_PRECISIONS)
+    if args.openvino_precision != "fp32" and args.backend != "openvino":
+        p.error(f"--openvino-precision {args.openvino_precision} needs --backend openvino")
     args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     for m in args.models:
         choice("--models entry", m, MODELS)
@@ -94,17 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = BuildOptions(
             triton=TritonOptions(args.backend, args.device, args.instances,
-                                 args.max_queue_delay_us, args.threads),
+                                 args.max_queue_delay_us, args.threads,
+                                 args.openvino_precision),
             models=args.models,
             limits=ShapeLimits(args.max_batch, args.min_latent, args.max_latent),
             opset=args.opset, use_ema=not args.no_ema, ort_level=args.ort_level,
-            parity_tol=args.parity_tol)
+            parity_tol=args.parity_tol, openvino_parity=args.openvino_parity)
         report = build_repository(args.checkpoint, args.out, options, args.compvis_config,
                                   args.unsafe_allow_pickle, args.work_dir, args.force,
                                   progress=not args.quiet, replace=args.replace,
                                   keep=args.keep_builds)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ParityError) as e:
+            ParityError, ImportError) as e:
         print(f"build_engines: error: {e}", file=sys.stderr)
         return 1
     for note in report.notes:

@@ -1,4 +1,5 @@
-"""ONNX Runtime vs PyTorch on fresh random inputs, at several points of the spec's profile.
+"""A runtime (ONNX Runtime, OpenVINO) vs PyTorch on fresh random inputs, at several points of
+the spec's profile.
 
 Error measures, per output tensor, then the maximum over outputs and profile points:
     max_abs = max |a - b|
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,15 +128,23 @@ def compare_with_onnx(model: str | Path | ort.InferenceSession, spec: ExportSpec
                       references: References, tol: float = DEFAULT_TOL) -> ParityReport:
     """The ONNX model on the references' inputs; ParityError when max_rel > tol."""
     session = model if isinstance(model, ort.InferenceSession) else make_session(model)
-    report = ParityReport(spec.name, 0.0, 0.0, tol, references.seed)
+    names = [t.name for t in spec.outputs]
+    return compare_outputs(lambda inputs: session.run(names, inputs), spec, references, tol)
+
+
+def compare_outputs(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+                    spec: ExportSpec, references: References, tol: float = DEFAULT_TOL,
+                    label: str = "") -> ParityReport:
+    """`run(inputs by name) -> outputs in spec order` (any runtime) on the references'
+    inputs; ParityError when max_rel > tol or any output holds NaN or Inf."""
+    report = ParityReport(spec.name + label, 0.0, 0.0, tol, references.seed)
     for point, inputs, expected in references.cases:
-        actual = session.run([t.name for t in spec.outputs],
-                             {k: v.numpy() for k, v in inputs.items()})
+        actual = run({k: v.numpy() for k, v in inputs.items()})
         errors = {}
         for t, a, b in zip(spec.outputs, actual, expected, strict=True):
             b = b.numpy()
             if a.shape != b.shape:
-                raise ParityError(f"{spec.name}.{t.name}: ONNX shape {a.shape} != PyTorch "
+                raise ParityError(f"{spec.name}.{t.name}: runtime shape {a.shape} != PyTorch "
                                   f"{b.shape} at {point}")
             errors[t.name] = relative_error(a, b)
             if not np.any(b) and t.name not in report.all_zero_outputs:

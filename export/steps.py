@@ -44,6 +44,9 @@ class BuildOptions:
     parity_tol: float = DEFAULT_TOL
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # OpenVINO precisions ("fp32", "bf16", "auto") the served graphs are checked at, for a
+    # pipeline that runs them on OpenVINO in process (`--networks openvino`).
+    openvino_parity: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -203,7 +206,41 @@ class Builder:
             entry["engine"] = served.name
         else:
             served = onnx_path
+        for precision in self._openvino_precisions():
+            entry.setdefault("openvino_parity", {})[precision] = self.openvino_step(
+                name, spec, served, sha256_json([onnx_key, onnx_digest(served), precision]),
+                precision)
         return served, entry
+
+    def _openvino_precisions(self) -> list[str]:
+        from export.openvino import resolve_precision
+
+        wanted = list(self.options.openvino_parity)
+        if self.options.triton.backend == "openvino":
+            wanted.append(self.options.triton.precision)
+        return sorted({resolve_precision(p) for p in wanted})
+
+    def openvino_step(self, name: str, spec: ExportSpec, served: Path, key: str,
+                      precision: str) -> dict:
+        """Cached parity of the served graph compiled by OpenVINO at `precision`."""
+        from export.openvino import check_parity
+
+        folder = self.work_dir / "openvino" / f"{name}-{key[:16]}"
+        report_file = folder / "parity.json"
+        if report_file.is_file() and not self.force:
+            self.report.reused.append(f"{name}: openvino {precision} parity")
+            self._use(folder)
+            return json.loads(report_file.read_text())
+        references = reference_outputs(GRAPHS[name](self.fresh_model()), spec)
+        gc.collect()
+        report = check_parity(served, spec, references, precision)
+        summary = {k: report.to_dict()[k] for k in ("max_abs", "max_rel", "tol", "seed")}
+        with cache_entry(folder) as tmp:
+            (tmp / "parity.json").write_text(json.dumps(summary, indent=1))
+        self.report.rebuilt.append(f"{name}: openvino {precision} parity "
+                                   f"(max rel {report.max_rel:.1e})")
+        self._use(folder)
+        return summary
 
     def engine_step(self, name: str, onnx_path: Path, spec: ExportSpec) -> Path:
         engine_dir = self.work_dir / "engines"

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:  # kept light: the CLI imports this module before torch
     from export.specs import ExportSpec, TensorSpec
 
-Backend = Literal["python", "onnxruntime", "tensorrt"]
-BACKENDS: tuple[str, ...] = ("python", "onnxruntime", "tensorrt")
+Backend = Literal["python", "onnxruntime", "tensorrt", "openvino"]
+BACKENDS: tuple[str, ...] = ("python", "onnxruntime", "tensorrt", "openvino")
 DEVICES: tuple[str, ...] = ("cpu", "gpu")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 # The file each backend loads from `<model>/1/`.
-MODEL_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+MODEL_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan",
+               "openvino": "model.onnx"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class TritonOptions:
     instances: int = 1  # model instances per device
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
     threads: int = 0  # intra-op threads per CPU instance; 0: usable cores / instances
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # openvino backend's arithmetic
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -53,6 +55,10 @@ class TritonOptions:
             raise ValueError(f"instances must be >= 1, got {self.instances}")
         if self.max_queue_delay_us < 0 or self.threads < 0:
             raise ValueError("max_queue_delay_us and threads must be >= 0")
+        if self.backend == "openvino" and self.device == "gpu":
+            raise ValueError("the openvino backend runs on the CPU: use device cpu")
+        if self.precision != "fp32" and self.backend != "openvino":
+            raise ValueError(f"precision {self.precision} is for the openvino backend")
 
     @property
     def instance_kind(self) -> str:
@@ -124,7 +130,7 @@ def config_text(cfg, header: str) -> str:
 
 
 _PLATFORMS = {"python": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"),
-              "tensorrt": ("", "tensorrt_plan")}
+              "tensorrt": ("", "tensorrt_plan"), "openvino": ("openvino", "")}
 
 
 def network_config(spec: ExportSpec, options: TritonOptions):
@@ -139,6 +145,8 @@ def network_config(spec: ExportSpec, options: TritonOptions):
     cfg.output.extend(spec_tensor(t, batched, output=True) for t in spec.outputs)
     if spec.dynamic_batching and batched:
         cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    if options.backend == "openvino":
+        cfg.default_model_filename = "model.onnx"  # the backend reads ONNX as well as IR
     return cfg
 
 
@@ -149,6 +157,16 @@ def _thread_parameters(spec: ExportSpec, options: TritonOptions) -> dict[str, st
     if options.backend == "python":
         # The model validates requests against the spec's ranges (export/python_backend.py).
         return {"intra_op_threads": threads, "limits": json.dumps(spec.serving_limits())}
+    if options.backend == "openvino":  # Triton's openvino_backend names
+        params = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if options.threads:
+            params["INFERENCE_NUM_THREADS"] = threads
+        if options.precision != "fp32":
+            from export.openvino import resolve_precision
+
+            if resolve_precision(options.precision) == "bf16":
+                params["HINT_BF16"] = "YES"
+        return params
     # onnxruntime_backend's names; execution_mode 0 = sequential
     return {"intra_op_thread_count": threads, "inter_op_thread_count": "1",
             "execution_mode": "0"}

@@ -102,13 +102,13 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     info = PipelineInfo.load(folder)
     tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
     batcher = None
-    if options.networks == "onnxruntime":
+    if options.networks != "bls":
         # Imported here: with BLS (TensorRT) the stub needs no ONNX Runtime.
         from export.python_backend import instance_count, threads_for
-        from server.networks import onnx_networks
+        from server.networks import local_networks
 
         threads = threads_for(options.intra_op_threads, instance_count(config))
-        fns = onnx_networks(Path(args["model_repository"]).parent, info, threads)
+        fns = local_networks(Path(args["model_repository"]).parent, info, options, threads)
         batcher = CallBatcher(options.batch_wait_ms / 1000,
                               on_run=network_metrics(config.get("name", "")))
     else:

@@ -3,26 +3,43 @@
     python -m server.build --checkpoint checkpoints/demo/ldm --out model_repository
 
 Runs export/build_engines.py (same arguments: the networks, checked and cached), then adds
-the pipeline models on top (`server.repository.assemble`). The launcher runs this in a
+the pipeline models on top (`server.repository.assemble`). Two arguments of its own choose
+how the pipeline runs the networks: `--networks onnxruntime|openvino|bls` (default: in
+process on ONNX Runtime for the python backend, else BLS) and `--precision fp32|bf16|auto`
+(OpenVINO's arithmetic). The launcher runs this in a
 child process, so the export's peak memory is returned to the system before Triton loads.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 from export import build_engines
+from server.contract import NETWORK_MODES, PRECISIONS
+
+
+def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """(this step's own arguments, the rest for export/build_engines.py)."""
+    p = argparse.ArgumentParser(prog="python -m server.build", add_help=False)
+    p.add_argument("--networks", choices=NETWORK_MODES, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
+    return p.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = build_engines.main(argv)
+    own, rest = pipeline_args(sys.argv[1:] if argv is None else argv)
+    if own.networks == "openvino":  # check the graphs on the runtime that will run them
+        rest = [*rest, "--openvino-parity", own.precision or "fp32"]
+    code = build_engines.main(rest)
     if code != 0:
         return code
-    from server.repository import assemble
+    from server.repository import PipelineOptions, assemble
 
-    args = build_engines.parse_args(argv)
+    args = build_engines.parse_args(rest)
+    serving = {k: v for k, v in vars(own).items() if v is not None}
     try:
-        names = assemble(args.out)
+        names = assemble(args.out, PipelineOptions(serving=serving))
     except (ValueError, FileNotFoundError) as e:
         print(f"server.build: error: {e}", file=sys.stderr)
         return 1

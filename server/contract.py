@@ -152,7 +152,8 @@ class Limits(Parameters):
 
 
 PREVIEW_MODES: tuple[str, ...] = ("none", "latent", "decoded")
-NETWORK_MODES: tuple[str, ...] = ("onnxruntime", "bls")
+NETWORK_MODES: tuple[str, ...] = ("onnxruntime", "openvino", "bls")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 
 class ServingOptions(Parameters):
@@ -166,10 +167,14 @@ class ServingOptions(Parameters):
     # Requests a pipeline model runs at once (more wait their turn); their guided UNet steps
     # share one batch, so 8 fills the exported UNet's batch of 16.
     max_concurrent: int = Field(8, ge=1)
-    # onnxruntime: the pipeline runs the repository's ONNX graphs itself (no IPC per step);
-    # bls: it calls the text_encoder/unet/vae_decoder models (TensorRT, or another host).
-    # Older repositories lack the parameter: they were written for BLS.
-    networks: Literal["onnxruntime", "bls"] = "bls"
+    # onnxruntime / openvino: the pipeline runs the repository's ONNX graphs itself (no IPC
+    # per step) on that runtime; bls: it calls the text_encoder/unet/vae_decoder models
+    # (TensorRT, or another host). Older repositories lack the parameter: written for BLS.
+    networks: Literal["onnxruntime", "openvino", "bls"] = "bls"
+    # Arithmetic of in-process OpenVINO networks: fp32, bf16 (CPUs with native bf16), or
+    # auto (bf16 where native). ONNX Runtime runs fp32 only.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    openvino_cache: str = ""  # compiled-model cache folder; "": $LDM_SERVE_CACHE/openvino
     intra_op_threads: int = Field(0, ge=0)  # ONNX Runtime threads in process; 0: all cores
     batch_wait_ms: int = Field(10, ge=0)  # longest a network call waits for other requests'
     # Most items one UNet / VAE decoder run takes (0: what the graph takes). A run's
@@ -178,6 +183,13 @@ class ServingOptions(Parameters):
     # throughput and bounds memory. server/repository.py sets them for large models.
     unet_max_batch: int = Field(0, ge=0)
     vae_max_batch: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _precision_needs_openvino(self) -> ServingOptions:
+        if self.precision != "fp32" and self.networks != "openvino":
+            raise ValueError(f"precision {self.precision} needs networks=openvino (networks "
+                             f"{self.networks} runs fp32)")
+        return self
 
 
 def check_parameters(params: Mapping[str, str]) -> None:
@@ -377,7 +389,7 @@ def _size(name: str, value: int | None, limits: Limits) -> int:
 
 
 __all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "INPUTS", "KNOWN_SAMPLERS", "MAX_SEED",
-           "NETWORKS", "NETWORK_MODES", "OUTPUTS", "PIPELINE_FILE", "PIPELINE_MODELS",
+           "NETWORKS", "NETWORK_MODES", "OUTPUTS", "PRECISIONS", "PIPELINE_FILE", "PIPELINE_MODELS",
            "PREVIEW_MODES", "PROGRESS_OUTPUTS", "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS",
            "TOKENIZER_DIR", "GenerationRequest", "InvalidRequest", "Limits", "NetworkTarget",
            "PipelineInfo", "ServingOptions", "check_parameters", "parse_request"]

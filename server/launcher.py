@@ -201,6 +201,9 @@ def ensure_repository(args: argparse.Namespace) -> None:
             "--keep-builds", str(args.keep_builds)]
     if args.compvis_config is not None:
         argv += ["--compvis-config", str(args.compvis_config)]
+    for flag in ("networks", "precision"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
     argv += ["--unsafe-allow-pickle"] * args.unsafe_allow_pickle + ["--replace"] * args.replace
     print(f"checking the Triton repository {args.repository} against {args.checkpoint} "
           "(exports only what changed)", flush=True)
@@ -309,6 +312,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="python (ONNX Runtime on the CPU), onnxruntime or tensorrt")
     p.add_argument("--work-dir", type=Path, default=Path("build/export"),
                    help="cache of ONNX files and engines (default: %(default)s)")
+    p.add_argument("--networks", choices=("onnxruntime", "openvino", "bls"),
+                   help="how the pipeline runs the networks (default: onnxruntime in process "
+                        "for --backend python, else bls)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                   help="arithmetic of --networks openvino (auto: bf16 where the CPU has it)")
     p.add_argument("--no-export", action="store_true",
                    help="serve --repository as it is, without checking it")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (0.0.0.0: all)")

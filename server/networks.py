@@ -1,11 +1,12 @@
-"""The pipeline's networks as numpy functions on ONNX Runtime sessions in this process.
+"""The pipeline's networks as numpy functions on ONNX Runtime or OpenVINO in this process.
 
-With `networks: onnxruntime` (ServingOptions) the pipeline model opens the repository's own
-ONNX graphs, the same files the `text_encoder`, `unet` and `vae_decoder` models serve, and
-calls them directly: no BLS round trip through the Triton core per sampler step (measured:
-3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). The weights are then resident
-in this process only: `python -m server` does not load the component models (their own
-copy) unless asked to.
+With `networks: onnxruntime` or `networks: openvino` (ServingOptions) the pipeline model
+opens the repository's own ONNX graphs, the same files the `text_encoder`, `unet` and
+`vae_decoder` models serve, and calls them directly (OpenVINO compiles them, at fp32 or
+bf16, into a cache that a restart reuses): no BLS round trip through the Triton core per
+sampler step (measured: 3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). The
+weights are then resident in this process only: `python -m server` does not load the
+component models (their own copy) unless asked to.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from export.ort import make_session
-from server.contract import NETWORKS, PipelineInfo
+from server.contract import NETWORKS, PipelineInfo, ServingOptions
 
 NumpyFn = Callable[..., np.ndarray]
 
@@ -38,13 +39,49 @@ def onnx_function(path: str | Path, inputs: list[str], output: str,
 
 def onnx_networks(repository: str | Path, info: PipelineInfo,
                   threads: int | None = None) -> dict[str, NumpyFn]:
-    """{network name: numpy function} for the graphs pipeline.json names under `repository`."""
-    fns = {}
+    """{network name: numpy function} for the graphs pipeline.json names under `repository`,
+    on ONNX Runtime."""
+    return {name: onnx_function(path, *io, threads)
+            for name, (path, io) in _graphs(repository, info).items()}
+
+
+def openvino_networks(repository: str | Path, info: PipelineInfo, threads: int | None = None,
+                      precision: str = "fp32",
+                      cache_dir: str | Path | None = None) -> dict[str, NumpyFn]:
+    """The same graphs compiled by OpenVINO at `precision` (fp32, bf16 or auto)."""
+    from export.openvino import openvino_function
+
+    return {name: openvino_function(path, *io, threads, precision, cache_dir)
+            for name, (path, io) in _graphs(repository, info).items()}
+
+
+def local_networks(repository: str | Path, info: PipelineInfo, options: ServingOptions,
+                   threads: int | None = None) -> dict[str, NumpyFn]:
+    """The networks `options.networks` (onnxruntime or openvino) runs in this process."""
+    if options.networks == "onnxruntime":
+        return onnx_networks(repository, info, threads)
+    if options.networks == "openvino":
+        return openvino_networks(repository, info, threads, options.precision,
+                                 openvino_cache_dir(options))
+    raise ValueError(f"networks {options.networks!r} are not run in process")
+
+
+def openvino_cache_dir(options: ServingOptions) -> Path:
+    """Where OpenVINO keeps compiled networks: `openvino_cache`, else the project's cache."""
+    if options.openvino_cache:
+        return Path(options.openvino_cache).expanduser()
+    from server.triton_install import cache_root
+
+    return cache_root() / "openvino"
+
+
+def _graphs(repository: str | Path, info: PipelineInfo) -> dict[str, tuple[Path, tuple]]:
+    """{network: (ONNX path, (input names, output name))} from pipeline.json."""
+    graphs = {}
     for name in NETWORKS:
         target = info.target(name)
         if not target.onnx:
             raise ValueError(f"pipeline.json names no ONNX file for {name} (a TensorRT "
                              "repository?): use networks=bls")
-        path = Path(repository) / target.onnx
-        fns[name] = onnx_function(path, target.inputs, target.output, threads)
-    return fns
+        graphs[name] = (Path(repository) / target.onnx, (target.inputs, target.output))
+    return graphs

@@ -5,7 +5,8 @@
 
 The serving side's step on top of what export/build_engines.py writes: it reads only the
 repository (`manifest.json`: the networks' tensors and profiles; `model_config.yaml`: the
-model's config; `alphas_cumprod.npy`: its schedule), never the checkpoint. `python -m server` runs it after every export.
+model's config; `alphas_cumprod.npy`: its schedule), never the checkpoint. `python -m
+server` runs it after every export.
 
 `ldm_txt2img_stream` (decoupled) holds the networks and runs the loop; `ldm_txt2img` is a
 thin front that passes each request on to it through BLS, so the weights are resident once
@@ -156,9 +157,9 @@ def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
     defaults = {"networks": "onnxruntime" if built.backend == "python" else "bls",
                 **large_model_caps(built.network_bytes("unet"))}
     serving = ServingOptions(**{**defaults, **overrides})
-    if serving.networks == "onnxruntime" and built.backend == "tensorrt":
-        raise ValueError("networks=onnxruntime needs ONNX files; a TensorRT repository has "
-                         "engines only: use networks=bls")
+    if serving.networks != "bls" and built.backend == "tensorrt":
+        raise ValueError(f"networks={serving.networks} needs ONNX files; a TensorRT repository "
+                         "has engines only: use networks=bls")
     return serving
 
 

@@ -187,3 +187,11 @@ def test_pipeline_info_round_trip(tmp_path):
     info.save(tmp_path)
     assert PipelineInfo.load(tmp_path) == info
     assert info.target("unet").unsqueeze == ["timestep"]
+
+
+def test_precision_is_openvinos():
+    assert ServingOptions(networks="openvino", precision="bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="precision bf16 needs networks=openvino"):
+        ServingOptions(networks="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match=r"parameter precision='fp16'"):
+        ServingOptions.from_parameters({"networks": "openvino", "precision": "fp16"})

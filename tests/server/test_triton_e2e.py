@@ -217,6 +217,35 @@ def test_bls_networks_give_the_same_images(repository, served_model, client, tmp
     assert psnr(got, client.generate(PROMPT, **kw).images) >= 40
 
 
+@pytest.mark.parametrize("precision, min_psnr", [("fp32", 40.0), ("bf16", 20.0)])
+def test_openvino_networks_serve_the_same_images(repository, client, tmp_path, precision,
+                                                 min_psnr):
+    # networks=openvino: the pipeline compiles the same graphs with OpenVINO in process.
+    # fp32: the same images; bf16 (8-bit mantissas): close ones, from the bf16 arithmetic.
+    import shutil
+
+    from export.openvino import native_bf16
+    from server.repository import PipelineOptions, assemble, read_pipeline_config
+
+    if precision == "bf16" and not native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    repo = tmp_path / "model_repository"
+    shutil.copytree(repository, repo)
+    assemble(repo, PipelineOptions(
+        serving={"networks": "openvino", "precision": precision,
+                 "openvino_cache": str(tmp_path / "ov-cache")},
+        limits={"max_steps": 1000, "default_steps": 4}))
+    assert read_pipeline_config(repo / "ldm_txt2img_stream")[1].networks == "openvino"
+    kw = dict(seed=4, steps=5, num_images=2, guidance_scale=5.0)
+    with TritonServer(repo, log_path=tmp_path / "tritonserver.log",
+                      models=("ldm_txt2img", "ldm_txt2img_stream")) as ov_server:
+        with Txt2ImgClient(ov_server.grpc_url, timeout=60) as ov_client:
+            got = ov_client.generate(PROMPT, **kw).images
+    want = client.generate(PROMPT, **kw).images  # ONNX Runtime fp32
+    assert got.shape == want.shape and psnr(got, want) >= min_psnr
+    assert any((tmp_path / "ov-cache").iterdir())  # compiled once, imported on a restart
+
+
 BAD = [
     ({"steps": 0}, "num_inference_steps must be in [1, 1000], got 0"),
     ({"guidance_scale": 100.0}, "guidance_scale must be in [0, 20], got 100"),
