@@ -213,20 +213,21 @@ class Setup:
     image_size: int
     threads: int
     params: dict
-    peak: dict
+    peak: dict  # bench.flops.gemm_peaks
     generators: dict[str, Callable[[str, int], object]]  # in-process end-to-end contenders
     steps: dict[str, Callable[[], object]]
     flops: dict[str, tuple[int, dict]]
 
 
 def prepare(args) -> Setup:
-    """1. the model, its Triton repository and its diffusers twin; 2. the matmul peak and the
-    UNet's FLOPs; the in-process contenders."""
+    """1. the model, its Triton repository and its diffusers twin; 2. the GEMM peaks of every
+    runtime and the UNet's FLOPs; the in-process contenders."""
     import torch
 
     from bench import contenders as C
-    from bench.flops import count_flops, matmul_peak
+    from bench.flops import count_flops, gemm_peaks
     from bench.models import diffusers_twin, load_source, param_counts, resolve_source
+    from bench.report import peaks_text
     from export.ort import usable_cores
 
     threads = args.threads or usable_cores()
@@ -246,8 +247,8 @@ def prepare(args) -> Setup:
         if abs(c["diffusers"] - c["ours"]) > 0.05 * c["ours"]:
             log.warning("%s: the diffusers twin differs by more than 5%% in size", part)
 
-    peak = matmul_peak(threads, n=512 if args.quick else 2048, tries=2 if args.quick else 5)
-    log.info("fp32 matmul peak: %.1f GFLOP/s (%d threads)", peak["gflops"], threads)
+    peak = gemm_peaks(threads, n=512 if args.quick else 2048, tries=2 if args.quick else 5)
+    log.info("%s (%d threads, n=%d)", peaks_text(peak), threads, peak["n"])
     latent = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
     ort = C.OrtService(model, repository, specs, threads, args.steps, args.guidance_scale,
                        image_size)
@@ -312,6 +313,7 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
 
 def assemble(args, setup: Setup, raw: dict[str, list], last: dict, instances: int) -> dict:
     """4. summaries, agreement and targets: the JSON result."""
+    from bench.flops import torch_matmul_peak
     from bench.load import load_summary
     from bench.models import config_summary
     from bench.report import summary, targets
@@ -340,7 +342,8 @@ def assemble(args, setup: Setup, raw: dict[str, list], last: dict, instances: in
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "params": setup.params,
-        "matmul_peak": setup.peak,
+        "gemm_peaks": setup.peak,
+        "matmul_peak": torch_matmul_peak(setup.peak),  # the torch-only peak older readers use
         "unet_step": unet_step,
         "e2e": e2e,
         "load": {str(n): v for n, v in load.items()},
