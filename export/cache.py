@@ -117,7 +117,8 @@ def _home_pid(entry: Path, out: Path) -> int | None:
 
 def clean_orphan_homes(out: Path) -> list[Path]:
     """Remove home folders beside `out` that it does not link to and whose creating process
-    is gone (a build killed between moving its folder in and flipping the link)."""
+    is gone: a build killed between moving its folder in and flipping the link, or the
+    previous repository that the last swap kept."""
     if not out.parent.is_dir():
         return []
     current = out.resolve() if out.is_symlink() else None
@@ -136,24 +137,26 @@ def replace_dir(new: Path, out: Path) -> None:
     """Put folder `new` at `out` in one atomic step, portably: `out` is a symbolic link to a
     sibling folder, and the new folder's link is renamed over it with os.replace (rename(2)
     over a link is atomic on POSIX), so a reader sees the old repository or the new one,
-    never a mix. The folder the old link pointed at is deleted afterwards. A real folder at
-    `out` (written before this layout) is moved aside first: that once, `out` is briefly
-    absent."""
+    never a mix. The folder the old link pointed at is kept until the next swap (a reader or
+    a running Triton that resolved it just before the flip still finds its files); older
+    ones are deleted. A real folder at `out` (written before this layout) is moved aside
+    first: that once, `out` is briefly absent."""
     home = Path(tempfile.mkdtemp(dir=out.parent,
                                  prefix=f".{out.name}{HOME_SEP}{os.getpid()}-"))
     home.chmod(0o777 & ~current_umask())
     os.replace(new, home)  # an empty folder may be replaced by rename(2)
     link = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-link")
     os.symlink(home.name, link)  # relative: the pair may move together
-    old = None
-    if out.is_symlink():
-        old = out.resolve()
-    elif out.exists():
-        old = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}-old")
-        os.replace(out, old)
+    previous = out.resolve() if out.is_symlink() else None
+    if previous is None and out.exists():
+        previous = Path(tempfile.mkdtemp(dir=out.parent,
+                                         prefix=f".{out.name}{HOME_SEP}{os.getpid()}-"))
+        os.replace(out, previous)
     os.replace(link, out)
-    if old is not None and old != home.resolve():
-        shutil.rmtree(old, ignore_errors=True)
+    keep = {home.resolve(), previous}
+    for entry in out.parent.iterdir():
+        if _home_pid(entry, out) is not None and entry.resolve() not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextmanager

@@ -40,3 +40,16 @@ def test_scale_trial_on_the_tiny_config(tmp_path):
     assert results["load"]["ckpt_tensor_bytes"] == results["checkpoint"]["tensor_bytes"]
     assert results["ort_step"]["ort_unet_step_s"] > 0 and results["inproc"]["unet_flops"] > 0
     assert "| load (`load_compvis`) |" in r.stdout and "UNet step at batch 2" in r.stdout
+
+    # The runtimes trial on the same files: eager, ONNX Runtime fp32, OpenVINO fp32 and bf16,
+    # in process and served, with the GEMM peaks.
+    r = subprocess.run([sys.executable, "-m", "bench.scale_runtimes", "--config", str(CONFIG),
+                        "--work", str(tmp_path), "--size", "32", "--steps", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runtimes = json.loads((tmp_path / "runtimes.json").read_text())
+    assert runtimes["psnr"]["openvino_fp32"] >= 40 and runtimes["psnr"]["eager"] >= 40
+    assert runtimes["psnr"]["served_onnxruntime_fp32"] == 100.0  # served = in process
+    assert all(v["unet_step_s"] > 0 for v in runtimes["served"].values())
+    assert runtimes["peaks"]["peaks"]["fp32"]["gflops"] > 0
+    assert "| openvino_bf16 |" in r.stdout and "served bf16 image / PyTorch eager" in r.stdout

@@ -173,10 +173,10 @@ def test_staged_directory_swaps_only_on_success(tmp_path):
     assert (out / "a.txt").read_text() == "one"
     with staged_directory(out) as tmp:
         (tmp / "b.txt").write_text("three")
-    # `repo` links to the one folder that holds it; nothing else is left behind.
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 and names[0].startswith(".repo@") and names[1] == "repo"
-    assert out.is_symlink() and out.resolve() == (tmp_path / names[0]).resolve()
+    # `repo` links to its folder; the previous one is kept until the next swap, no other.
+    homes = sorted(p for p in tmp_path.iterdir() if p.name.startswith(".repo@"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p not in homes) == ["repo"]
+    assert len(homes) == 2 and out.is_symlink() and out.resolve() in homes
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
 
 
@@ -205,7 +205,7 @@ def test_readers_see_the_old_repository_or_the_new_one(tmp_path):
     reader.join()
     assert seen and all(s.isdigit() for s in seen), [s for s in seen if not s.isdigit()][:3]
     assert (out / "a.txt").read_text() == "199"
-    assert len(list(tmp_path.iterdir())) == 2  # the link and its folder
+    assert len(list(tmp_path.iterdir())) == 3  # the link, its folder and the previous one
 
 
 def test_a_real_folder_becomes_a_link_and_orphans_are_removed(tmp_path):
