@@ -43,7 +43,7 @@ def test_at_most_workers_run_and_the_rest_wait_in_order():
 def test_a_burst_after_sequential_requests_runs_concurrently():
     # Requests whose UNet steps should share a batch must run at the same time.
     pool = RequestPool(4, "t")
-    for i in range(20):
+    for _ in range(20):
         done = threading.Event()
         pool.submit(lambda e: e.set(), None, done)
         assert done.wait(5)
