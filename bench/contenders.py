@@ -9,9 +9,9 @@ prompt), `steps` DDIM steps with classifier-free guidance as ONE UNet call on th
 2. `DiffusersLoop`: diffusers' `UNet2DConditionModel`, `AutoencoderKL`, `LDMBertModel` and
    `DDIMScheduler`, the loop of diffusers' `LDMTextToImagePipeline` (CFG batch doubling,
    `scheduler.step`), written out here because that pipeline hard-codes 8x VAE downsampling;
-3. `OrtService`: `server.txt2img.Txt2ImgService` (the loop the Triton pipeline model runs)
-   with ONNX Runtime sessions (`server.networks.onnx_function`, as the served pipeline opens
-   them) on the repository's ONNX files;
+3. `LocalService`: `server.txt2img.Txt2ImgService` (the loop the Triton pipeline model runs)
+   on the repository's ONNX files, with ONNX Runtime sessions or OpenVINO at fp32 / bf16 (as
+   the served pipeline opens them);
 4. `TritonHttp`: `server.client.Txt2ImgClient` over HTTP to `ldm_txt2img`.
 
 The step contenders call the UNet alone on the CFG batch (2 latents, 2 contexts).
@@ -87,20 +87,27 @@ def repository_onnx(repository: Path, name: str) -> Path:
     return path
 
 
-class OrtService:
-    """Txt2ImgService over in-process ONNX Runtime sessions on the repository's graphs."""
+class LocalService:
+    """Txt2ImgService over the repository's graphs in this process: on ONNX Runtime sessions,
+    or compiled by OpenVINO at `precision` (what the served pipeline opens with `networks:
+    onnxruntime` / `networks: openvino`)."""
 
     def __init__(self, model, repository: Path, specs: dict, threads: int, steps: int,
-                 guidance_scale: float, image_size: int):
+                 guidance_scale: float, image_size: int, networks: str = "onnxruntime",
+                 precision: str = "fp32"):
+        from export.openvino import openvino_function
         from server.contract import PipelineInfo, ServingOptions
         from server.networks import onnx_function
         from server.txt2img import Txt2ImgService
 
-        # The functions the served pipeline opens with networks: onnxruntime.
-        fns = {name: onnx_function(repository_onnx(repository, name),
-                                   [t.name for t in specs[name].inputs],
-                                   specs[name].outputs[0].name, threads)
-               for name in ("text_encoder", "unet", "vae_decoder")}
+        def network(name: str):
+            io = ([t.name for t in specs[name].inputs], specs[name].outputs[0].name)
+            path = repository_onnx(repository, name)
+            if networks == "openvino":
+                return openvino_function(path, *io, threads, precision)
+            return onnx_function(path, *io, threads)
+
+        fns = {name: network(name) for name in ("text_encoder", "unet", "vae_decoder")}
         self.unet_step = fns["unet"]  # (x, t, c) -> noise_pred: the step contender
         self.service = Txt2ImgService(
             PipelineInfo.load(repository / "ldm_txt2img_stream" / "1"),
@@ -149,8 +156,10 @@ def step_inputs(cfg, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, t, c
 
 
-def step_functions(model, twin, ort: OrtService, cfg) -> dict[str, Callable[[], object]]:
-    """name -> a no-argument call of that runtime's UNet on the same inputs."""
+def step_functions(model, twin, local: dict[str, object],
+                   cfg) -> dict[str, Callable[[], object]]:
+    """name -> a no-argument call of that runtime's UNet on the same inputs (`local`: the
+    LocalService contenders by name; the others are ignored)."""
     x, t, c = step_inputs(cfg)
     xn, tn, cn = x.numpy(), t.numpy(), c.numpy()
     unet = model.model.diffusion_model
@@ -163,5 +172,8 @@ def step_functions(model, twin, ort: OrtService, cfg) -> dict[str, Callable[[], 
     def diffusers():
         return twin.unet(x, t, encoder_hidden_states=c).sample
 
-    return {"pytorch_eager": ours, "diffusers": diffusers,
-            "onnxruntime": lambda: ort.unet_step(xn, tn, cn)}
+    steps = {"pytorch_eager": ours, "diffusers": diffusers}
+    for name, service in local.items():
+        if isinstance(service, LocalService):
+            steps[name] = lambda s=service: s.unet_step(xn, tn, cn)
+    return steps

@@ -12,12 +12,18 @@ E2E_LABELS = {
     "pytorch_eager": "1 PyTorch eager, in process (ldm.pipeline)",
     "diffusers": "2 diffusers, in process (same architecture)",
     "onnxruntime": "3 ONNX Runtime, in process (Txt2ImgService)",
+    "openvino_fp32": "3b OpenVINO fp32, in process (Txt2ImgService)",
+    "openvino_bf16": "3c OpenVINO bf16, in process (Txt2ImgService)",
     "triton_http": "4 Triton, HTTP, 1 client (ldm_txt2img)",
+    "triton_http_openvino_fp32": "4b Triton, HTTP, networks: openvino fp32",
+    "triton_http_openvino_bf16": "4c Triton, HTTP, networks: openvino bf16",
 }
 STEP_LABELS = {
     "pytorch_eager": "PyTorch eager (ours)",
     "diffusers": "diffusers UNet2DConditionModel",
     "onnxruntime": "ONNX Runtime (exported unet)",
+    "openvino_fp32": "OpenVINO fp32 (exported unet)",
+    "openvino_bf16": "OpenVINO bf16 (exported unet)",
 }
 
 

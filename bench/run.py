@@ -169,38 +169,6 @@ def image_check(size: int) -> Callable[[object], None]:
     return check
 
 
-def build_served_repository(args, model, folder: Path, threads: int):
-    """The python-backend Triton repository of `folder` (cached in the work dir)."""
-    from export.repository import BuildOptions, build_repository
-    from export.specs import ShapeLimits, build_specs
-    from export.triton_config import TritonOptions
-
-    # Room for every load client's guided steps in one UNet batch.
-    limits = ShapeLimits(max_batch=max(8, max(args.clients)))
-    out = args.work_dir / "model_repository"
-    options = BuildOptions(models=("text_encoder", "unet", "vae_decoder"), limits=limits,
-                           triton=TritonOptions(backend="python", threads=threads))
-    report = build_repository(folder, out, options, work_dir=args.work_dir / "export",
-                              progress=False)
-    log.info("repository %s: %s", out, "up to date" if report.up_to_date
-             else "rebuilt " + ", ".join(report.rebuilt))
-    specs = build_specs(model.config, limits)
-    # Rewritten on every run, so an earlier run's --pipeline-instances never lingers in the
-    # cached repository.
-    from server.repository import PipelineOptions, assemble
-
-    # The in-process networks get the same thread count as every other runtime.
-    assemble(out, PipelineOptions(instances=args.pipeline_instances or 1,
-                                  serving={"intra_op_threads": threads}))
-    return out, specs
-
-
-def pipeline_instances(repository: Path) -> int:
-    from server.repository import read_pipeline_config
-
-    return read_pipeline_config(repository / "ldm_txt2img")[2]
-
-
 @dataclass
 class Setup:
     """Everything measured, built before the round-robin (bench/contenders.py)."""
@@ -217,6 +185,7 @@ class Setup:
     generators: dict[str, Callable[[str, int], object]]  # in-process end-to-end contenders
     steps: dict[str, Callable[[], object]]
     flops: dict[str, tuple[int, dict]]
+    variants: dict[str, Path]  # "openvino_fp32" -> its served repository (bench/repositories.py)
 
 
 def prepare(args) -> Setup:
@@ -228,6 +197,7 @@ def prepare(args) -> Setup:
     from bench.flops import count_flops, gemm_peaks
     from bench.models import diffusers_twin, load_source, param_counts, resolve_source
     from bench.report import peaks_text
+    from bench.repositories import build_served_repository, openvino_variants
     from export.ort import usable_cores
 
     threads = args.threads or usable_cores()
@@ -239,6 +209,7 @@ def prepare(args) -> Setup:
     cfg = model.config
     image_size = cfg.unet.image_size * model.first_stage_model.downsample_factor
     repository, specs = build_served_repository(args, model, folder, threads)
+    variants = openvino_variants(repository, threads, args.pipeline_instances or 1)
     twin = diffusers_twin(cfg, float(model.scale_factor))
     params = param_counts(model, twin)
     for part, c in params.items():
@@ -250,19 +221,21 @@ def prepare(args) -> Setup:
     peak = gemm_peaks(threads, n=512 if args.quick else 2048, tries=2 if args.quick else 5)
     log.info("%s (%d threads, n=%d)", peaks_text(peak), threads, peak["n"])
     latent = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
-    ort = C.OrtService(model, repository, specs, threads, args.steps, args.guidance_scale,
-                       image_size)
+    local = {name: C.LocalService(model, repository, specs, threads, args.steps,
+                                  args.guidance_scale, image_size, *name.split("_"))
+             for name in ("onnxruntime_fp32", *variants)}
     generators = {
         "pytorch_eager": C.EagerPipeline(model, args.steps, args.guidance_scale),
         "diffusers": C.DiffusersLoop(twin, model.cond_stage_model.tknz_fn.tokenizer, latent,
                                      args.steps, args.guidance_scale),
-        "onnxruntime": ort,
+        "onnxruntime": local.pop("onnxruntime_fp32"), **local,
     }
-    steps = C.step_functions(model, twin, ort, cfg)
+    steps = C.step_functions(model, twin, generators, cfg)
     flops = {name: count_flops(steps[name]) for name in ("pytorch_eager", "diffusers")}
-    flops["onnxruntime"] = flops["pytorch_eager"]  # the same graph, exported
+    for name in ("onnxruntime", *variants):  # the same graph, exported
+        flops[name] = flops["pytorch_eager"]
     return Setup(source, model, folder, repository, specs, image_size, threads, params, peak,
-                 generators, steps, flops)
+                 generators, steps, flops, variants)
 
 
 def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
@@ -270,24 +243,29 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
     (raw results by entry name, last image of each end-to-end contender, pipeline instances)."""
     from bench import contenders as C
     from bench.load import burst, pipeline_unet_stats
+    from bench.repositories import pipeline_instances
     from server.repository import served_models
     from server.triton import TritonServer
 
     # What `python -m server` loads: the pipeline models (they run the networks themselves).
-    server = TritonServer(setup.repository, log_path=args.work_dir / "tritonserver.log",
-                          models=served_models(setup.repository))
-    triton = None
+    repos = {"triton_http": setup.repository,
+             **{f"triton_http_{k}": v for k, v in setup.variants.items()}}
+    servers = {name: TritonServer(repo, log_path=args.work_dir / f"{name}.log",
+                                  models=served_models(repo)) for name, repo in repos.items()}
+    server, clients = servers["triton_http"], {}
     try:
-        t0 = time.perf_counter()
-        server.start(timeout=300)
-        log.info("tritonserver ready in %.1f s (log %s)", time.perf_counter() - t0,
-                 server.log_path)
-        triton = C.TritonHttp(server.http_url, args.steps, args.guidance_scale, args.timeout)
+        for name, s in servers.items():
+            t0 = time.perf_counter()
+            s.start(timeout=300)
+            log.info("%s: tritonserver ready in %.1f s (log %s)", name,
+                     time.perf_counter() - t0, s.log_path)
+            clients[name] = C.TritonHttp(s.http_url, args.steps, args.guidance_scale,
+                                         args.timeout)
         check, last = image_check(setup.image_size), {}
         entries = [Entry(f"step:{name}", timed_steps(fn, args.step_calls))
                    for name, fn in setup.steps.items()]
         entries += [Entry(f"e2e:{name}", timed_call(fn, check, last, name))
-                    for name, fn in {**setup.generators, "triton_http": triton}.items()]
+                    for name, fn in {**setup.generators, **clients}.items()]
 
         def load_level(n: int) -> Callable[[int], object]:
             def run(rep: int):
@@ -306,9 +284,10 @@ def measure(args, setup: Setup) -> tuple[dict[str, list], dict, int]:
         raw = round_robin(entries, args.warmup, args.repetitions, args.settle)
         return raw, last, pipeline_instances(setup.repository)
     finally:
-        if triton is not None:
-            triton.close()
-        server.stop()
+        for client in clients.values():
+            client.close()
+        for s in servers.values():
+            s.stop()
 
 
 def assemble(args, setup: Setup, raw: dict[str, list], last: dict, instances: int) -> dict:
@@ -323,12 +302,13 @@ def assemble(args, setup: Setup, raw: dict[str, list], last: dict, instances: in
     e2e = {k.split(":", 1)[1]: summary(v) for k, v in raw.items() if k.startswith("e2e:")}
     unet_step = {}
     for name, (total, by_op) in setup.flops.items():
-        unet_step[name] = {**summary(raw[f"step:{name}"]), "flops": total, "flops_by_op": by_op}
+        unet_step[name] = {**summary(raw[f"step:{name}"]), "flops": total, "flops_by_op": by_op,
+                           "precision": "bf16" if name.endswith("bf16") else "fp32"}
     load = {n: load_summary(raw[f"load:{n}"], args.requests_per_client) for n in args.clients}
     # Same weights, prompt and seed: the served paths must draw what PyTorch draws (the
     # diffusers twin has its own random weights, so it is not compared).
     agreement = {f"{name}_vs_pytorch_eager_psnr_db": psnr(last[name], last["pytorch_eager"])
-                 for name in ("onnxruntime", "triton_http")}
+                 for name in last if name not in ("pytorch_eager", "diffusers")}
     return {
         "meta": {
             "model": setup.source.describe(), "checkpoint": str(setup.folder),

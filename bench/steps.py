@@ -10,7 +10,7 @@ For each (sampler, steps):
   does (same batches, same seeds), so the numbers match it;
 - time per image: one request (one prompt, one image) through `server.txt2img.Txt2ImgService`
   over ONNX Runtime sessions on the exported graphs, as the served pipeline runs it
-  (`bench.contenders.OrtService`); configurations are interleaved round-robin so drifting
+  (`bench.contenders.LocalService`); configurations are interleaved round-robin so drifting
   background load hits them alike; the median of `--repetitions` after `--warmup` rounds.
 
 Prints a Markdown table and the verdict of the rule: the fastest (sampler, steps) whose
@@ -199,14 +199,14 @@ def measure_timing(model, repository: Path, grid: list[tuple[str, int]], guidanc
                    threads: int, warmup: int, repetitions: int,
                    progress: bool = True) -> dict[tuple[str, int], list[float]]:
     """(sampler, steps) -> seconds of each measured one-image request on the served path."""
-    from bench.contenders import OrtService
+    from bench.contenders import LocalService
     from bench.run import Entry, image_check, round_robin
     from export.specs import ShapeLimits, build_specs
 
     image_size = model.config.unet.image_size * model.first_stage_model.downsample_factor
     # Only the tensor names matter here, and they do not depend on the limits.
     specs = build_specs(model.config, ShapeLimits(max_batch=8))
-    ort = OrtService(model, repository, specs, threads, DEFAULT_STEPS, guidance, image_size)
+    ort = LocalService(model, repository, specs, threads, DEFAULT_STEPS, guidance, image_size)
     check = image_check(image_size)
     entries = [Entry(f"{s}:{n}", timed_request(ort.service, s, n, guidance, image_size, check))
                for s, n in grid]

@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.flops import count_flops
+from export.openvino import native_bf16
 
 ROOT = Path(__file__).resolve().parents[2]
-E2E = ("pytorch_eager", "diffusers", "onnxruntime", "triton_http")
-STEP = ("pytorch_eager", "diffusers", "onnxruntime")
+OPENVINO = ("openvino_fp32",) + (("openvino_bf16",) if native_bf16() else ())
+E2E = ("pytorch_eager", "diffusers", "onnxruntime", "triton_http", *OPENVINO,
+       *(f"triton_http_{v}" for v in OPENVINO))
+STEP = ("pytorch_eager", "diffusers", "onnxruntime", *OPENVINO)
 CLIENTS = ("1", "4", "8")
 CPU_SDPA = "aten._scaled_dot_product_flash_attention_for_cpu"
 pytestmark = pytest.mark.timeout(300)
@@ -91,6 +94,13 @@ def test_served_paths_draw_the_eager_image(run):
     agreement = run[0]["agreement"]
     assert agreement["onnxruntime_vs_pytorch_eager_psnr_db"] >= 40
     assert agreement["triton_http_vs_pytorch_eager_psnr_db"] >= 40
+    # OpenVINO fp32 draws the same image; bf16 a close one, in process and served alike.
+    assert agreement["openvino_fp32_vs_pytorch_eager_psnr_db"] >= 40
+    assert agreement["triton_http_openvino_fp32_vs_pytorch_eager_psnr_db"] >= 40
+    if "openvino_bf16" in OPENVINO:
+        assert agreement["openvino_bf16_vs_pytorch_eager_psnr_db"] >= 20
+        assert (agreement["triton_http_openvino_bf16_vs_pytorch_eager_psnr_db"]
+                == agreement["openvino_bf16_vs_pytorch_eager_psnr_db"])
 
 
 @pytest.mark.slow
