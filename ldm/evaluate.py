@@ -26,7 +26,7 @@ from ldm.pipeline import Txt2ImgPipeline, latents_to_uint8
 from ldm.pretrained import load_pretrained, read_config
 
 # What the server uses unless a request says otherwise (server/contract.py reads these).
-DEFAULT_STEPS = 25
+DEFAULT_STEPS = 10  # DDIM 10: see bench/RESULTS.md ("Steps")
 DEFAULT_GUIDANCE = 1.5
 DEFAULT_SAMPLER = "ddim"
 HELD_OUT_SEED = 10_000  # training uses data seeds far below this

@@ -122,7 +122,9 @@ class Limits(Parameters):
     max_images: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)  # the tokenizer keeps 77 tokens: refuse megabytes
     samplers: Names = Field(KNOWN_SAMPLERS, min_length=1)
-    default_steps: int = 25
+    # DDIM 10: the fastest (sampler, steps) within 1 point of the best judged accuracy on
+    # the demo model, 0.46x the time of DDIM 25 (bench/RESULTS.md, python -m bench.steps)
+    default_steps: int = 10
     default_guidance_scale: float = 1.5
     default_sampler: str = "ddim"
 

@@ -7,7 +7,7 @@ const KEY_STORE = "ldm-api-key";
 // Used until the server's limits (GET /v1/config) arrive.
 const FALLBACK = {
   sizes: [256], max_steps: 100, min_guidance_scale: 0, max_guidance_scale: 20,
-  max_images: 4, samplers: ["ddim", "plms", "dpmpp_2m", "ddpm"], default_steps: 25,
+  max_images: 4, samplers: ["ddim", "plms", "dpmpp_2m", "ddpm"], default_steps: 10,
   default_guidance_scale: 5, default_sampler: "ddim",
 };
 
