@@ -29,7 +29,7 @@ def _error(message: str, code: str):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         threads = threads_for(params.get("intra_op_threads"), instance_count(config))
         self.model = OnnxBatchModel(path, threads, json.loads(params.get("limits", "{}")))

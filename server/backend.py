@@ -114,7 +114,7 @@ class TritonBackend:
                                              client_timeout=self.settings.probe_timeout)
         except Exception as e:  # noqa: BLE001
             raise triton_error(e, self.url) from e
-        params = {k: v["string_value"]
+        params = {k: v.get("string_value", "")
                   for k, v in cfg["config"].get("parameters", {}).items()}
         limits = Limits.from_parameters(params)
         with self._lock:

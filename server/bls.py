@@ -34,7 +34,7 @@ from server.txt2img import Cancelled, Progress, Result, Txt2ImgService
 log = logging.getLogger(__name__)
 
 def parameters(model_config: dict) -> dict[str, str]:
-    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
 
 
 def to_numpy(tensor) -> np.ndarray:

@@ -29,7 +29,7 @@ def test_unet_config(tiny_specs, backend):
     assert cfg.name == "unet"
     assert (cfg.backend, cfg.platform) == {
         "python": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"),
-        "tensorrt": ("", "tensorrt_plan")}[backend]
+        "tensorrt": ("", "tensorrt_plan"), "openvino": ("openvino", "")}[backend]
     assert cfg.max_batch_size == 16  # 2 x max_batch 8: classifier-free guidance pairs
     # The batch axis is implicit; timestep (B,) is declared [1] and reshaped to [].
     assert _tensors(cfg.input) == [
@@ -88,7 +88,8 @@ def test_triton_dims():
 
 
 def test_bad_options_name_the_value():
-    with pytest.raises(ValueError, match=r"'triton'.*\['python', 'onnxruntime', 'tensorrt'\]"):
+    with pytest.raises(ValueError,
+                       match=r"'triton'.*\['python', 'onnxruntime', 'tensorrt', 'openvino'\]"):
         TritonOptions("triton")
     with pytest.raises(ValueError, match=r"'tpu'.*\['cpu', 'gpu'\]"):
         TritonOptions("onnxruntime", device="tpu")

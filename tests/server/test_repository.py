@@ -164,7 +164,8 @@ def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
     with pytest.raises(ValueError, match="TensorRT repository has engines only: use networks=bls"):
         assemble(write_built(tmp_path / "r", model, specs, "tensorrt"),
                  PipelineOptions(serving={"networks": "onnxruntime"}))
-    with pytest.raises(ValueError, match="networks\n  Input should be 'onnxruntime' or 'bls'"):
+    with pytest.raises(ValueError,
+                       match="networks\n  Input should be 'onnxruntime', 'openvino' or 'bls'"):
         ServingOptions(networks="gpu")
 
 

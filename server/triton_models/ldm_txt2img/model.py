@@ -49,7 +49,7 @@ def _copy_error(error):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         # Twice the target's slots: requests waiting here are cheap, and the target queues.
         options = ServingOptions.from_parameters(params)
         self.limits = Limits.from_parameters(params)
