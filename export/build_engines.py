@@ -63,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cached builds kept per model; older ones are removed (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    _check_choices(p, args)
+    _check_paths(p, args)
+    return args
 
+
+def _check_choices(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each choice-valued flag: one of its values, or an error naming it."""
     def choice(flag: str, value: str, allowed) -> None:
         if value not in allowed:
             p.error(f"{flag} {value!r} is not one of: {', '.join(allowed)}")
@@ -80,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     for m in args.models:
         choice("--models entry", m, MODELS)
+
+
+def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.checkpoint.exists():
         p.error(f"--checkpoint {args.checkpoint}: no such file or folder")
     if args.compvis_config is not None and not args.compvis_config.is_file():
@@ -91,7 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--keep-builds {args.keep_builds}: must be >= 1")
     if args.checkpoint.is_dir() and not (args.checkpoint / "config.yaml").is_file():
         p.error(f"--checkpoint {args.checkpoint}: no config.yaml (not one of our checkpoints)")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

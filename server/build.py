@@ -24,7 +24,10 @@ def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     p = argparse.ArgumentParser(prog="python -m server.build", add_help=False)
     p.add_argument("--networks", choices=NETWORK_MODES, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
-    return p.parse_known_args(argv)
+    own, rest = p.parse_known_args(argv)
+    if own.precision not in (None, "fp32") and own.networks != "openvino":
+        p.error(f"--precision {own.precision} needs --networks openvino")
+    return own, rest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,3 +244,13 @@ def test_skipped_without_the_models_it_calls(model, specs, tmp_path):
 def test_needs_a_built_repository(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json: build it first"):
         assemble(tmp_path)
+
+
+def test_build_takes_the_pipeline_arguments_and_refuses_a_precision_without_openvino(capsys):
+    from server.build import pipeline_args
+
+    own, rest = pipeline_args(["--networks", "openvino", "--precision", "auto", "--out", "r"])
+    assert (own.networks, own.precision, rest) == ("openvino", "auto", ["--out", "r"])
+    with pytest.raises(SystemExit):
+        pipeline_args(["--precision", "bf16"])
+    assert "--precision bf16 needs --networks openvino" in capsys.readouterr().err
