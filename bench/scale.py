@@ -339,11 +339,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="image side, pixels")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = trial_paths(p.parse_args(argv))
+    args.out_image = args.work / "inproc.npy"
+    return args
+
+
+def trial_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """The trial's files under `args.work`: the checkpoint and its repository."""
     args.work = args.work.resolve()
     args.checkpoint = args.work / "model.ckpt"
     args.repository = args.work / "model_repository"
-    args.out_image = args.work / "inproc.npy"
     return args
 
 

@@ -244,11 +244,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     p.add_argument("--runtime", choices=sorted(RUNTIMES), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.work = args.work.resolve()
-    args.checkpoint = args.work / "model.ckpt"
-    args.repository = args.work / "model_repository"
-    return args
+    from bench.scale import trial_paths
+
+    return trial_paths(p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
