@@ -78,42 +78,19 @@ class DiffusersLoop:
         return image.permute(0, 2, 3, 1).numpy()
 
 
-def repository_onnx(repository: Path, name: str) -> Path:
-    """The ONNX file Triton serves for model `name` (python backend: `<name>/1/model.onnx`)."""
-    path = repository / name / "1" / "model.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the bench needs the python (ONNX Runtime) "
-                                "backend repository")
-    return path
-
-
 class LocalService:
     """Txt2ImgService over the repository's graphs in this process: on ONNX Runtime sessions,
     or compiled by OpenVINO at `precision` (what the served pipeline opens with `networks:
     onnxruntime` / `networks: openvino`)."""
 
-    def __init__(self, model, repository: Path, specs: dict, threads: int, steps: int,
-                 guidance_scale: float, image_size: int, networks: str = "onnxruntime",
-                 precision: str = "fp32"):
-        from export.openvino import openvino_function
-        from server.contract import PipelineInfo, ServingOptions
-        from server.networks import onnx_function
-        from server.txt2img import Txt2ImgService
+    def __init__(self, repository: Path, threads: int, steps: int, guidance_scale: float,
+                 image_size: int, networks: str = "onnxruntime", precision: str = "fp32"):
+        from server.contract import ServingOptions
+        from server.networks import local_service
 
-        def network(name: str):
-            io = ([t.name for t in specs[name].inputs], specs[name].outputs[0].name)
-            path = repository_onnx(repository, name)
-            if networks == "openvino":
-                return openvino_function(path, *io, threads, precision)
-            return onnx_function(path, *io, threads)
-
-        fns = {name: network(name) for name in ("text_encoder", "unet", "vae_decoder")}
-        self.unet_step = fns["unet"]  # (x, t, c) -> noise_pred: the step contender
-        self.service = Txt2ImgService(
-            PipelineInfo.load(repository / "ldm_txt2img_stream" / "1"),
-            model.alphas_cumprod.numpy(),
-            model.cond_stage_model.tknz_fn, fns["text_encoder"], fns["unet"],
-            fns["vae_decoder"], ServingOptions(preview="none"))
+        self.service = local_service(repository, ServingOptions(
+            networks=networks, precision=precision, preview="none"), threads)
+        self.unet_step = self.service.unet_fn  # (x, t, c) -> noise_pred: the step contender
         self.steps, self.guidance_scale, self.image_size = steps, guidance_scale, image_size
 
     def __call__(self, prompt: str, seed: int) -> np.ndarray:

@@ -22,33 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.repositories import RUNTIMES
+from bench.run import psnr
 from bench.steps import DEFAULT_CHECKPOINT, DEFAULT_WORK, served_repository
 from ldm.evaluate import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
-RUNTIMES: dict[str, tuple[str, str]] = {"onnxruntime_fp32": ("onnxruntime", "fp32"),
-                                        "openvino_fp32": ("openvino", "fp32"),
-                                        "openvino_bf16": ("openvino", "bf16")}
 ATTRIBUTES = ("color", "shape", "position", "all")
 TOLERANCE = 0.01  # one point of accuracy
 CLIENTS = 8  # concurrent requests: their UNet steps share batches, as served
 
 
 def make_service(repository: Path, runtime: str, threads: int):
-    """Txt2ImgService over `runtime`'s networks, with the served pipeline's batcher."""
-    from ldm.modules.text_encoder import BERTTokenizer
+    """The served loop over `runtime`'s networks, with the served pipeline's batcher."""
     from server.batching import CallBatcher
-    from server.contract import ALPHAS_FILE, TOKENIZER_DIR, PipelineInfo, ServingOptions
-    from server.networks import local_networks
-    from server.txt2img import Txt2ImgService
+    from server.contract import ServingOptions
+    from server.networks import local_service
 
     networks, precision = RUNTIMES[runtime]
-    version = repository / "ldm_txt2img_stream" / "1"
-    info = PipelineInfo.load(version)
     options = ServingOptions(networks=networks, precision=precision, preview="none")
-    fns = local_networks(repository, info, options, threads)
-    tokenizer = BERTTokenizer(version / TOKENIZER_DIR, max_length=info.max_seq_len)
-    return Txt2ImgService(info, np.load(version / ALPHAS_FILE), tokenizer, fns["text_encoder"],
-                          fns["unet"], fns["vae_decoder"], options, CallBatcher(0.01))
+    return local_service(repository, options, threads, CallBatcher(0.01))
 
 
 def generate_all(service, captions: list[str], seeds: int, size: int) -> np.ndarray:
@@ -79,11 +71,6 @@ def judged(images: np.ndarray, specs: list) -> dict[str, float]:
                 totals[k] += v
     n = images.shape[0] * images.shape[1]
     return {k: totals[k] / n for k in ATTRIBUTES}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else min(100.0, 10 * np.log10(255.0**2 / mse))
 
 
 def verdict(results: dict[str, dict]) -> str:

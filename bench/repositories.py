@@ -9,11 +9,16 @@ from pathlib import Path
 
 log = logging.getLogger("bench")
 
+# The in-process runtimes the benchmarks compare: name -> (ServingOptions networks, precision).
+RUNTIMES: dict[str, tuple[str, str]] = {"onnxruntime_fp32": ("onnxruntime", "fp32"),
+                                        "openvino_fp32": ("openvino", "fp32"),
+                                        "openvino_bf16": ("openvino", "bf16")}
 
-def build_served_repository(args, model, folder: Path, threads: int):
+
+def build_served_repository(args, folder: Path, threads: int):
     """The python-backend Triton repository of `folder` (cached in the work dir)."""
     from export.repository import BuildOptions, build_repository
-    from export.specs import ShapeLimits, build_specs
+    from export.specs import ShapeLimits
     from export.triton_config import TritonOptions
 
     # Room for every load client's guided steps in one UNet batch.
@@ -25,7 +30,6 @@ def build_served_repository(args, model, folder: Path, threads: int):
                               progress=False)
     log.info("repository %s: %s", out, "up to date" if report.up_to_date
              else "rebuilt " + ", ".join(report.rebuilt))
-    specs = build_specs(model.config, limits)
     # Rewritten on every run, so an earlier run's --pipeline-instances never lingers in the
     # cached repository.
     from server.repository import PipelineOptions, assemble
@@ -33,7 +37,7 @@ def build_served_repository(args, model, folder: Path, threads: int):
     # The in-process networks get the same thread count as every other runtime.
     assemble(out, PipelineOptions(instances=args.pipeline_instances or 1,
                                   serving={"intra_op_threads": threads}))
-    return out, specs
+    return out
 
 
 def pipeline_instances(repository: Path) -> int:

@@ -177,7 +177,6 @@ class Setup:
     model: object  # LatentDiffusion, EMA weights applied
     folder: Path  # its checkpoint folder
     repository: Path
-    specs: dict
     image_size: int
     threads: int
     params: dict
@@ -197,7 +196,7 @@ def prepare(args) -> Setup:
     from bench.flops import count_flops, gemm_peaks
     from bench.models import diffusers_twin, load_source, param_counts, resolve_source
     from bench.report import peaks_text
-    from bench.repositories import build_served_repository, openvino_variants
+    from bench.repositories import RUNTIMES, build_served_repository, openvino_variants
     from export.ort import usable_cores
 
     threads = args.threads or usable_cores()
@@ -208,7 +207,7 @@ def prepare(args) -> Setup:
     model, folder = load_source(source, args.work_dir)
     cfg = model.config
     image_size = cfg.unet.image_size * model.first_stage_model.downsample_factor
-    repository, specs = build_served_repository(args, model, folder, threads)
+    repository = build_served_repository(args, folder, threads)
     variants = openvino_variants(repository, threads, args.pipeline_instances or 1)
     twin = diffusers_twin(cfg, float(model.scale_factor))
     params = param_counts(model, twin)
@@ -221,8 +220,8 @@ def prepare(args) -> Setup:
     peak = gemm_peaks(threads, n=512 if args.quick else 2048, tries=2 if args.quick else 5)
     log.info("%s (%d threads, n=%d)", peaks_text(peak), threads, peak["n"])
     latent = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
-    local = {name: C.LocalService(model, repository, specs, threads, args.steps,
-                                  args.guidance_scale, image_size, *name.split("_"))
+    local = {name: C.LocalService(repository, threads, args.steps, args.guidance_scale,
+                                  image_size, *RUNTIMES[name])
              for name in ("onnxruntime_fp32", *variants)}
     generators = {
         "pytorch_eager": C.EagerPipeline(model, args.steps, args.guidance_scale),
@@ -234,7 +233,7 @@ def prepare(args) -> Setup:
     flops = {name: count_flops(steps[name]) for name in ("pytorch_eager", "diffusers")}
     for name in ("onnxruntime", *variants):  # the same graph, exported
         flops[name] = flops["pytorch_eager"]
-    return Setup(source, model, folder, repository, specs, image_size, threads, params, peak,
+    return Setup(source, model, folder, repository, image_size, threads, params, peak,
                  generators, steps, flops, variants)
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.repositories import RUNTIMES
+from bench.run import psnr
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a painting of a lighthouse on a cliff at sunset"
-RUNTIMES: dict[str, tuple[str, str]] = {"onnxruntime_fp32": ("onnxruntime", "fp32"),
-                                        "openvino_fp32": ("openvino", "fp32"),
-                                        "openvino_bf16": ("openvino", "bf16")}
 PIPELINE = ("ldm_txt2img", "ldm_txt2img_stream")
 
 
@@ -76,28 +76,21 @@ def stage_eager(args) -> dict:
 
 def stage_local(args) -> dict:
     """One runtime in process: its networks under the served loop (Txt2ImgService)."""
-    from ldm.modules.text_encoder import BERTTokenizer
-    from server.contract import ALPHAS_FILE, TOKENIZER_DIR, PipelineInfo, ServingOptions
-    from server.networks import local_networks
-    from server.txt2img import Txt2ImgService
+    from server.contract import ServingOptions
+    from server.networks import local_service
 
     networks, precision = RUNTIMES[args.runtime]
-    version = args.repository / "ldm_txt2img_stream" / "1"
-    info = PipelineInfo.load(version)
     options = ServingOptions(networks=networks, precision=precision, preview="none",
                              openvino_cache=str(args.work / "openvino-cache"))
     t0 = time.perf_counter()
-    fns = local_networks(args.repository, info, options, args.threads)
+    service = local_service(args.repository, options, args.threads)
     load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    h, (seq, dim) = args.size // 8, _context_shape(fns["text_encoder"], info)
+    info, rng = service.info, np.random.default_rng(0)
+    h, (seq, dim) = args.size // 8, _context_shape(service.encode_fn, info)
     feeds = (rng.standard_normal((2, info.latent_channels, h, h), dtype=np.float32),
              np.array([500, 500], dtype=np.int64),
              rng.standard_normal((2, seq, dim), dtype=np.float32))
-    step = _median_s(lambda: fns["unet"](*feeds))
-    service = Txt2ImgService(info, np.load(version / ALPHAS_FILE),
-                             BERTTokenizer(version / TOKENIZER_DIR, max_length=info.max_seq_len),
-                             fns["text_encoder"], fns["unet"], fns["vae_decoder"], options)
+    step = _median_s(lambda: service.unet_fn(*feeds))
     t0 = time.perf_counter()
     image = service.generate(_request(args)).images
     np.save(args.work / f"runtimes_{args.runtime}.npy", image)
@@ -179,11 +172,6 @@ def run_stage(args, name: str, runtime: str = "") -> dict:
 
 
 # --- report --------------------------------------------------------------------------------
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else min(100.0, 10 * np.log10(255.0**2 / mse))
-
 
 def targets(r: dict) -> list[tuple[str, float, str, bool]]:
     """(what, measured, target, met) of the issue's paper-scale targets."""

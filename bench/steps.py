@@ -160,7 +160,7 @@ def judged_accuracy(pipe, specs: list, seeds: int, steps: int, guidance: float,
 def served_repository(checkpoint: Path, work_dir: Path, threads: int) -> Path:
     """`work_dir`/model_repository: reused as it is when it holds this checkpoint's ONNX graphs
     and pipeline models (what `python -m bench` leaves there), else built the way
-    `bench.run.build_served_repository` builds it."""
+    `bench.repositories.build_served_repository` builds it."""
     from export.manifest import checkpoint_digest, read_manifest
 
     repo = work_dir / "model_repository"
@@ -201,12 +201,9 @@ def measure_timing(model, repository: Path, grid: list[tuple[str, int]], guidanc
     """(sampler, steps) -> seconds of each measured one-image request on the served path."""
     from bench.contenders import LocalService
     from bench.run import Entry, image_check, round_robin
-    from export.specs import ShapeLimits, build_specs
 
     image_size = model.config.unet.image_size * model.first_stage_model.downsample_factor
-    # Only the tensor names matter here, and they do not depend on the limits.
-    specs = build_specs(model.config, ShapeLimits(max_batch=8))
-    ort = LocalService(model, repository, specs, threads, DEFAULT_STEPS, guidance, image_size)
+    ort = LocalService(repository, threads, DEFAULT_STEPS, guidance, image_size)
     check = image_check(image_size)
     entries = [Entry(f"{s}:{n}", timed_request(ort.service, s, n, guidance, image_size, check))
                for s, n in grid]

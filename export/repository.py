@@ -69,6 +69,7 @@ SCHEDULE = "alphas_cumprod.npy"  # (T,) float32 abar_t, as the checkpoint holds 
 GRAPH_SOURCES = ("ldm/models", "ldm/modules", "ldm/config.py", "ldm/compat.py",
                  "ldm/pretrained.py", "export/specs.py", "export/onnx_export.py")
 REPOSITORY_SOURCES = ("export",)
+CACHES = ("onnx", "ort", "engines", "openvino")  # the build steps' folders in `work_dir`
 
 __all__ = ["MODELS", "MODEL_CONFIG", "SCHEDULE", "BuildOptions", "BuildReport", "build_repository",
            "ldm_config"]
@@ -98,7 +99,7 @@ def build_repository(
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     check_out_dir(out)
     work_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (work_dir / "onnx", work_dir / "ort", work_dir / "engines", out.parent):
+    for folder in (*(work_dir / sub for sub in CACHES), out.parent):
         clean_stale_temps(folder)
     clean_orphan_homes(out)
     requested = options.triton.backend
@@ -118,7 +119,7 @@ def build_repository(
         served[name], entries[name] = build.model_artifacts(
             name, keys.specs[name], keys.onnx[name], keys.versions["onnxruntime"])
     _write_repository(build, keys, served, entries)
-    for sub in ("onnx", "ort", "engines"):
+    for sub in CACHES:
         evict_old_builds(work_dir / sub, keep, protect=tuple(build.used))
     build.report.seconds = time.perf_counter() - t_start
     return build.report

@@ -198,8 +198,9 @@ class Builder:
                             "all_zero_outputs": parity.get("all_zero_outputs", [])},
                  **spec_summary(spec), "file": MODEL_FILES[self.options.triton.backend]}
         backend = self.options.triton.backend
+        served_key = onnx_key  # what identifies the served graph, for the OpenVINO parity
         if backend == "python":
-            ort_key = sha256_json([onnx_key, ort_version, self.options.ort_level])
+            served_key = ort_key = sha256_json([onnx_key, ort_version, self.options.ort_level])
             served, entry["ort_level"] = self.ort_step(name, onnx_path, ort_key)
         elif backend == "tensorrt":
             served = self.engine_step(name, onnx_path, spec)
@@ -207,9 +208,9 @@ class Builder:
         else:
             served = onnx_path
         for precision in self._openvino_precisions():
+            key = sha256_json([served_key, precision, _openvino_version()])
             entry.setdefault("openvino_parity", {})[precision] = self.openvino_step(
-                name, spec, served, sha256_json([onnx_key, onnx_digest(served), precision]),
-                precision)
+                name, spec, served, key, precision)
         return served, entry
 
     def _openvino_precisions(self) -> list[str]:
@@ -218,6 +219,8 @@ class Builder:
         wanted = list(self.options.openvino_parity)
         if self.options.triton.backend == "openvino":
             wanted.append(self.options.triton.precision)
+        if wanted and self.options.triton.backend == "tensorrt":
+            raise ValueError("OpenVINO runs the ONNX graphs; a tensorrt build serves engines")
         return sorted({resolve_precision(p) for p in wanted})
 
     def openvino_step(self, name: str, spec: ExportSpec, served: Path, key: str,
@@ -262,3 +265,9 @@ def spec_summary(spec: ExportSpec) -> dict:
             "inputs": [asdict(t) for t in spec.inputs],
             "outputs": [asdict(t) for t in spec.outputs],
             "profile": {k: list(v) for k, v in spec.profile.items()}}
+
+
+def _openvino_version() -> str:
+    from importlib.metadata import version
+
+    return version("openvino")

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from server.contract import NETWORK_MODES, PRECISIONS
 from server.triton import TritonServer, add_port_arguments
 
 log = logging.getLogger(__name__)
@@ -312,10 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="python (ONNX Runtime on the CPU), onnxruntime or tensorrt")
     p.add_argument("--work-dir", type=Path, default=Path("build/export"),
                    help="cache of ONNX files and engines (default: %(default)s)")
-    p.add_argument("--networks", choices=("onnxruntime", "openvino", "bls"),
+    p.add_argument("--networks", choices=NETWORK_MODES,
                    help="how the pipeline runs the networks (default: onnxruntime in process "
                         "for --backend python, else bls)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="arithmetic of --networks openvino (auto: bf16 where the CPU has it)")
     p.add_argument("--no-export", action="store_true",
                    help="serve --repository as it is, without checking it")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from export.ort import make_session
-from server.contract import NETWORKS, PipelineInfo, ServingOptions
+from server.contract import ALPHAS_FILE, NETWORKS, TOKENIZER_DIR, PipelineInfo, ServingOptions
 
 NumpyFn = Callable[..., np.ndarray]
 
@@ -64,6 +64,22 @@ def local_networks(repository: str | Path, info: PipelineInfo, options: ServingO
         return openvino_networks(repository, info, threads, options.precision,
                                  openvino_cache_dir(options))
     raise ValueError(f"networks {options.networks!r} are not run in process")
+
+
+def local_service(repository: str | Path, options: ServingOptions, threads: int | None = None,
+                  batcher=None):
+    """The served loop (server.txt2img.Txt2ImgService) over the networks `options.networks`
+    runs in this process, from the facts the streaming pipeline model's folder holds: what
+    the served model runs, for benchmarks and checks outside Triton."""
+    from ldm.modules.text_encoder import BERTTokenizer
+    from server.txt2img import Txt2ImgService
+
+    version = Path(repository) / "ldm_txt2img_stream" / "1"
+    info = PipelineInfo.load(version)
+    fns = local_networks(repository, info, options, threads)
+    tokenizer = BERTTokenizer(version / TOKENIZER_DIR, max_length=info.max_seq_len)
+    return Txt2ImgService(info, np.load(version / ALPHAS_FILE), tokenizer, fns["text_encoder"],
+                          fns["unet"], fns["vae_decoder"], options, batcher)
 
 
 def openvino_cache_dir(options: ServingOptions) -> Path:

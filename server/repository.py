@@ -27,6 +27,7 @@ import logging
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,14 @@ class Built:
         """Bytes of the files a network's model serves (its weights, nearly all)."""
         return sum(f.stat().st_size for f in (self.repo / name / "1").iterdir() if f.is_file())
 
+    @cached_property
+    def tokenizer(self):
+        """The text encoder's tokenizer (Hugging Face's), loaded once for both models."""
+        from ldm.modules.text_encoder import load_bert_tokenizer
+
+        return load_bert_tokenizer(self.config.cond_stage.max_seq_len).tokenizer
+
+    @cached_property
     def pipeline_info(self) -> PipelineInfo:
         targets = {name: _target(name, self.networks[name], self.backend != "tensorrt")
                    for name in NETWORKS}
@@ -165,18 +174,15 @@ def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
 
 def _write_model(built: Built, name: str, limits: Limits, serving: ServingOptions,
                  instances: int) -> None:
-    from ldm.modules.text_encoder import load_bert_tokenizer
-
     final = built.repo / name
     tmp = make_temp_dir(built.repo.resolve().parent, name)
     try:
         version = tmp / "1"
         version.mkdir()
         shutil.copy2(TEMPLATES / name / "model.py", version / "model.py")
-        save_tokenizer(load_bert_tokenizer(built.config.cond_stage.max_seq_len).tokenizer,
-                       version / TOKENIZER_DIR)
+        save_tokenizer(built.tokenizer, version / TOKENIZER_DIR)
         np.save(version / ALPHAS_FILE, built.alphas_cumprod)
-        built.pipeline_info().save(version)
+        built.pipeline_info.save(version)
         (tmp / "config.pbtxt").write_text(config_text(
             pipeline_config(name, limits, serving, instances),
             "Written by server/repository.py; the parameters are the request limits and the "
