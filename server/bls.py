@@ -16,12 +16,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ldm.modules.text_encoder import BERTTokenizer
 from server.batching import NETWORK_METRICS, CallBatcher
 from server.contract import (
-    ALPHAS_FILE,
     NETWORKS,
-    TOKENIZER_DIR,
     InvalidRequest,
     Limits,
     NetworkTarget,
@@ -29,6 +26,7 @@ from server.contract import (
     ServingOptions,
     check_parameters,
 )
+from server.networks import served_loop
 from server.txt2img import Cancelled, Progress, Result, Txt2ImgService
 
 log = logging.getLogger(__name__)
@@ -99,8 +97,6 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     options = ServingOptions.from_parameters(params)
     torch.set_num_threads(options.torch_threads)
     folder = Path(args["model_repository"]) / args["model_version"]
-    info = PipelineInfo.load(folder)
-    tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
     batcher = None
     if options.networks != "bls":
         # Imported here: with BLS (TensorRT) the stub needs no ONNX Runtime.
@@ -108,16 +104,17 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
         from server.networks import local_networks
 
         threads = threads_for(options.intra_op_threads, instance_count(config))
-        fns = local_networks(Path(args["model_repository"]).parent, info, options, threads)
+        repository = Path(args["model_repository"]).parent
+
+        def networks(info: PipelineInfo) -> dict:
+            return local_networks(repository, info, options, threads)
+
         batcher = CallBatcher(options.batch_wait_ms / 1000,
                               on_run=network_metrics(config.get("name", "")))
     else:
-        fns = {name: bls_function(info.target(name)) for name in NETWORKS}
-    service = Txt2ImgService(
-        info, np.load(folder / ALPHAS_FILE), tokenizer,
-        encode_fn=fns["text_encoder"], unet_fn=fns["unet"], decode_fn=fns["vae_decoder"],
-        options=options, batcher=batcher,
-    )
+        def networks(info: PipelineInfo) -> dict:
+            return {name: bls_function(info.target(name)) for name in NETWORKS}
+    service = served_loop(folder, networks, options, batcher)
     log.info("%s ready: networks %s, limits %s", config.get("name"), options.networks, limits)
     return service, limits, options
 

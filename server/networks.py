@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from export.ort import make_session
 from server.contract import ALPHAS_FILE, NETWORKS, TOKENIZER_DIR, PipelineInfo, ServingOptions
 
 NumpyFn = Callable[..., np.ndarray]
@@ -26,6 +25,8 @@ def onnx_function(path: str | Path, inputs: list[str], output: str,
     """fn(*arrays) -> `output` of the graph at `path`, arrays given in `inputs` order. The
     pipeline runs one network at a time (server/batching.py), so its sessions share one
     memory arena: the process holds the largest run's activations, not each network's."""
+    from export.ort import make_session  # here: BLS pipelines need no ONNX Runtime
+
     session = make_session(path, threads, shared_arena=True)
     names = [i.name for i in session.get_inputs()]
     if sorted(names) != sorted(inputs):
@@ -66,20 +67,28 @@ def local_networks(repository: str | Path, info: PipelineInfo, options: ServingO
     raise ValueError(f"networks {options.networks!r} are not run in process")
 
 
-def local_service(repository: str | Path, options: ServingOptions, threads: int | None = None,
-                  batcher=None):
-    """The served loop (server.txt2img.Txt2ImgService) over the networks `options.networks`
-    runs in this process, from the facts the streaming pipeline model's folder holds: what
-    the served model runs, for benchmarks and checks outside Triton."""
+def served_loop(folder: str | Path, networks: Callable[[PipelineInfo], dict[str, NumpyFn]],
+                options: ServingOptions, batcher=None):
+    """server.txt2img.Txt2ImgService from a pipeline model's version `folder` (pipeline.json,
+    tokenizer, abar_t) and `networks(info)`, the numpy functions of its three networks."""
     from ldm.modules.text_encoder import BERTTokenizer
     from server.txt2img import Txt2ImgService
 
-    version = Path(repository) / "ldm_txt2img_stream" / "1"
-    info = PipelineInfo.load(version)
-    fns = local_networks(repository, info, options, threads)
-    tokenizer = BERTTokenizer(version / TOKENIZER_DIR, max_length=info.max_seq_len)
-    return Txt2ImgService(info, np.load(version / ALPHAS_FILE), tokenizer, fns["text_encoder"],
+    folder = Path(folder)
+    info = PipelineInfo.load(folder)
+    fns = networks(info)
+    tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
+    return Txt2ImgService(info, np.load(folder / ALPHAS_FILE), tokenizer, fns["text_encoder"],
                           fns["unet"], fns["vae_decoder"], options, batcher)
+
+
+def local_service(repository: str | Path, options: ServingOptions, threads: int | None = None,
+                  batcher=None):
+    """What the served streaming model runs, with the networks `options.networks` runs in
+    this process: for benchmarks and checks outside Triton."""
+    return served_loop(Path(repository) / "ldm_txt2img_stream" / "1",
+                       lambda info: local_networks(repository, info, options, threads),
+                       options, batcher)
 
 
 def openvino_cache_dir(options: ServingOptions) -> Path:
