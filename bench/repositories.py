@@ -36,7 +36,8 @@ def build_served_repository(args, folder: Path, threads: int):
 
     # The in-process networks get the same thread count as every other runtime.
     assemble(out, PipelineOptions(instances=args.pipeline_instances or 1,
-                                  serving={"intra_op_threads": threads}))
+                                  serving={"networks": "onnxruntime",
+                                           "intra_op_threads": threads}))
     return out
 
 

@@ -191,7 +191,8 @@ def build_repository(checkpoint: Path, work_dir: Path, threads: int) -> Path:
     report = build(checkpoint, repo, options, work_dir=work_dir / "export", progress=False)
     log.info("repository %s: %s", repo, "up to date" if report.up_to_date
              else "rebuilt " + ", ".join(report.rebuilt))
-    assemble(repo, PipelineOptions(serving={"intra_op_threads": threads}))
+    assemble(repo, PipelineOptions(serving={"networks": "onnxruntime",
+                                            "intra_op_threads": threads}))
     return repo
 
 

@@ -5,8 +5,9 @@
 Runs export/build_engines.py (same arguments: the networks, checked and cached), then adds
 the pipeline models on top (`server.repository.assemble`). Two arguments of its own choose
 how the pipeline runs the networks: `--networks onnxruntime|openvino|bls` (default: in
-process on ONNX Runtime for the python backend, else BLS) and `--precision fp32|bf16|auto`
-(OpenVINO's arithmetic). The launcher runs this in a
+process on OpenVINO for the python backend, else BLS) and `--precision fp32|bf16|auto`
+(OpenVINO's arithmetic; default auto: bf16 where the CPU has it). The graphs are checked
+against PyTorch on the runtime and precision that will run them. The launcher runs this in a
 child process, so the export's peak memory is returned to the system before Triton loads.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 from export import build_engines
 from server.contract import NETWORK_MODES, PRECISIONS
+from server.pipeline_facts import default_networks
 
 
 def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -25,22 +27,29 @@ def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     p.add_argument("--networks", choices=NETWORK_MODES, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     own, rest = p.parse_known_args(argv)
-    if own.precision not in (None, "fp32") and own.networks != "openvino":
+    if own.precision not in (None, "fp32") and own.networks not in (None, "openvino"):
         p.error(f"--precision {own.precision} needs --networks openvino")
     return own, rest
 
 
 def main(argv: list[str] | None = None) -> int:
     own, rest = pipeline_args(sys.argv[1:] if argv is None else argv)
-    if own.networks == "openvino":  # check the graphs on the runtime that will run them
-        rest = [*rest, "--openvino-parity", own.precision or "fp32"]
+    args = build_engines.parse_args(rest)
+    serving = {**default_networks(args.backend),
+               **{k: v for k, v in vars(own).items() if v is not None}}
+    if serving["networks"] == "openvino":  # check the graphs on the runtime that will run them
+        serving.setdefault("precision", "fp32")
+        rest = [*rest, "--openvino-parity", serving["precision"]]
+    elif own.precision not in (None, "fp32"):
+        print(f"server.build: error: --precision {own.precision} needs --networks openvino "
+              f"(--backend {args.backend} serves through networks={serving['networks']})",
+              file=sys.stderr)
+        return 2
     code = build_engines.main(rest)
     if code != 0:
         return code
     from server.repository import PipelineOptions, assemble
 
-    args = build_engines.parse_args(rest)
-    serving = {k: v for k, v in vars(own).items() if v is not None}
     try:
         names = assemble(args.out, PipelineOptions(serving=serving))
     except (ValueError, FileNotFoundError) as e:

@@ -310,14 +310,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="Triton model repository to build or reuse (default: %(default)s)")
     p.add_argument("--backend", default="python",
-                   help="python (ONNX Runtime on the CPU), onnxruntime or tensorrt")
+                   help="python (the pipeline runs the networks itself, on the CPU), "
+                        "onnxruntime or tensorrt")
     p.add_argument("--work-dir", type=Path, default=Path("build/export"),
                    help="cache of ONNX files and engines (default: %(default)s)")
     p.add_argument("--networks", choices=NETWORK_MODES,
-                   help="how the pipeline runs the networks (default: onnxruntime in process "
+                   help="how the pipeline runs the networks (default: openvino in process "
                         "for --backend python, else bls)")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="arithmetic of --networks openvino (auto: bf16 where the CPU has it)")
+                   help="arithmetic of --networks openvino (default auto: bf16 where the CPU "
+                        "has it, else fp32)")
     p.add_argument("--no-export", action="store_true",
                    help="serve --repository as it is, without checking it")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (0.0.0.0: all)")

@@ -1,5 +1,6 @@
-"""The serving defaults a built repository implies: request limits its graphs can take, and
-memory caps for large networks. Read from the model's config and the manifest's networks
+"""The serving defaults a built repository implies: request limits its graphs can take,
+memory caps for large networks, and the runtime of the pipeline's networks. Read from the
+model's config and the manifest's networks
 (`manifest.json` "models": {name: {"max_batch_size", "inputs", "outputs", "profile"}}).
 """
 from __future__ import annotations
@@ -19,6 +20,15 @@ def large_model_caps(unet_bytes: int) -> dict[str, int]:
     """Serving defaults that bound activation memory for a large model on the CPU: UNet runs
     of at most 4 items (two guided requests), VAE decodes one image at a time."""
     return {"unet_max_batch": 4, "vae_max_batch": 1} if unet_bytes > LARGE_UNET_BYTES else {}
+
+
+def default_networks(backend: str) -> dict[str, str]:
+    """How the pipeline runs the networks unless told: with the python backend, in process on
+    OpenVINO at bf16 where the CPU has it, else fp32 (issue 13: on the demo model bf16 keeps
+    the judged accuracy within a point of fp32, bench/RESULTS.md); otherwise through Triton's
+    own models (BLS), which is how TensorRT engines are served."""
+    return {"networks": "openvino", "precision": "auto"} if backend == "python" else \
+        {"networks": "bls"}
 
 
 def num_timesteps(cfg) -> int:

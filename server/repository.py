@@ -52,7 +52,7 @@ from server.contract import (
     PipelineInfo,
     ServingOptions,
 )
-from server.pipeline_facts import default_limits, large_model_caps
+from server.pipeline_facts import default_limits, default_networks, large_model_caps
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class PipelineOptions:
     instances: int = 1
     limits: dict[str, Any] = field(default_factory=dict)  # Limits fields over the derived ones
     serving: dict[str, Any] = field(default_factory=dict)  # ServingOptions fields; `networks`
-    # defaults to onnxruntime for ONNX Runtime Python-backend networks (CPU), else to bls
+    # and `precision` default to default_networks(backend)
 
     def __post_init__(self) -> None:
         bad = [n for n in self.models if n not in PIPELINE_MODELS]
@@ -163,8 +163,9 @@ def assemble(repo: Path, options: PipelineOptions = PipelineOptions()) -> list[s
 
 
 def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
-    defaults = {"networks": "onnxruntime" if built.backend == "python" else "bls",
-                **large_model_caps(built.network_bytes("unet"))}
+    defaults = {**default_networks(built.backend), **large_model_caps(built.network_bytes("unet"))}
+    if overrides.get("networks", defaults["networks"]) != "openvino":
+        defaults.pop("precision", None)  # the precision default goes with the runtime's
     serving = ServingOptions(**{**defaults, **overrides})
     if serving.networks != "bls" and built.backend == "tensorrt":
         raise ValueError(f"networks={serving.networks} needs ONNX files; a TensorRT repository "

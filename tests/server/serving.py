@@ -35,7 +35,9 @@ def build_served_repository(checkpoint: Path, out: Path, work_dir: Path) -> Path
                            triton=TritonOptions(threads=1))
     build_repository(checkpoint, out, options, work_dir=work_dir, progress=False)
     assemble(out, PipelineOptions(instances=2, limits=TEST_LIMITS,
-                                  serving={"preview": "latent", "max_concurrent": 4}))
+                                  serving={"preview": "latent", "max_concurrent": 4,
+                                           # fp32 images equal to in-process ones
+                                           "networks": "onnxruntime"}))
     return out
 
 

@@ -117,8 +117,9 @@ def test_launcher_serves_restarts_triton_and_stops_cleanly(launcher):
     url = out.wait_for(r"web UI:\s+(http://\S+)/", proc, timeout=240).group(1)
     assert (repo / "manifest.json").is_file()  # exported from the checkpoint
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-    # One resident copy of the networks: the pipeline runs them itself (networks:
-    # onnxruntime), so the component models are in the repository but not loaded.
+    # One resident copy of the networks: the pipeline runs them itself (networks: openvino,
+    # the python backend's default), so the component models are in the repository but not
+    # loaded.
     triton_http = re.search(r"http (127\.0\.0\.1:\d+)", out.text()).group(1)
     index = httpx.post(f"http://{triton_http}/v2/repository/index", timeout=10).json()
     states = {m["name"]: m.get("state") for m in index}

@@ -109,21 +109,23 @@ def test_configs_parse_with_tritons_schema(repo):
         limits = Limits.from_parameters(params)
         assert limits.max_steps == 30 and limits.sizes == (16, 32) and limits.max_images == 3
         serving = ServingOptions.from_parameters(params)
-        assert serving.preview_every == 2 and serving.networks == "onnxruntime"
+        assert serving.preview_every == 2 and serving.networks == "openvino"
         # Non-streaming: concurrent requests need instances; streaming: threads.
         assert cfg.instance_group[0].count == (1 if decoupled else 3)
 
 
-@pytest.mark.parametrize("backend, networks", [("python", "onnxruntime"), ("onnxruntime", "bls"),
-                                               ("tensorrt", "bls")])
-def test_networks_follow_the_backend(model, specs, tmp_path, backend, networks):
-    # ONNX Runtime Python-backend models (CPU): the pipeline opens their graphs itself.
-    # Triton's own backends (TensorRT engines, onnxruntime_onnx on a GPU): BLS calls.
+@pytest.mark.parametrize("backend, networks, precision", [
+    ("python", "openvino", "auto"), ("onnxruntime", "bls", "fp32"), ("tensorrt", "bls", "fp32")])
+def test_networks_follow_the_backend(model, specs, tmp_path, backend, networks, precision):
+    # Python-backend models (CPU): the pipeline compiles their graphs itself, with OpenVINO at
+    # bf16 where the CPU has it. Triton's own backends (TensorRT engines, onnxruntime_onnx on
+    # a GPU): BLS calls.
     assemble(write_built(tmp_path / "r", model, specs, backend))
     tmp_path = tmp_path / "r"
     params = {k: v.string_value for k, v in
               read_config(tmp_path / "ldm_txt2img" / "config.pbtxt").parameters.items()}
-    assert ServingOptions.from_parameters(params).networks == networks
+    serving = ServingOptions.from_parameters(params)
+    assert (serving.networks, serving.precision) == (networks, precision)
     info = PipelineInfo.load(tmp_path / "ldm_txt2img" / "1")
     assert (info.unet.onnx is None) is (backend == "tensorrt")
 
@@ -132,7 +134,7 @@ def test_served_models_leave_out_networks_the_pipeline_runs_itself(model, specs,
     from server.repository import served_models
 
     tmp_path = write_built(tmp_path / "r", model, specs)
-    assemble(tmp_path)  # networks: onnxruntime
+    assemble(tmp_path)  # networks: openvino
     assert served_models(tmp_path) == ("ldm_txt2img", "ldm_txt2img_stream")
     assert set(served_models(tmp_path, components=True)) == {
         "ldm_txt2img", "ldm_txt2img_stream", "text_encoder", "unet", "vae_decoder"}
@@ -164,6 +166,11 @@ def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
     with pytest.raises(ValueError, match="TensorRT repository has engines only: use networks=bls"):
         assemble(write_built(tmp_path / "r", model, specs, "tensorrt"),
                  PipelineOptions(serving={"networks": "onnxruntime"}))
+    # Choosing ONNX Runtime drops the OpenVINO precision default with it (fp32).
+    out = write_built(tmp_path / "p", model, specs)
+    assemble(out, PipelineOptions(serving={"networks": "onnxruntime"}))
+    serving = read_pipeline_config(out / "ldm_txt2img_stream")[1]
+    assert (serving.networks, serving.precision) == ("onnxruntime", "fp32")
     with pytest.raises(ValueError,
                        match="networks\n  Input should be 'onnxruntime', 'openvino' or 'bls'"):
         ServingOptions(networks="gpu")
@@ -172,7 +179,7 @@ def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
 def test_read_pipeline_config_gives_back_what_was_written(repo):
     limits, serving, instances = read_pipeline_config(repo / "ldm_txt2img")
     assert limits.sizes == (16, 32) and limits.max_steps == 30
-    assert serving.preview_every == 2 and serving.networks == "onnxruntime"
+    assert serving.preview_every == 2 and serving.networks == "openvino"
     assert instances == 3
     assert read_pipeline_config(repo / "ldm_txt2img_stream")[2] == 1
 
@@ -251,6 +258,8 @@ def test_build_takes_the_pipeline_arguments_and_refuses_a_precision_without_open
 
     own, rest = pipeline_args(["--networks", "openvino", "--precision", "auto", "--out", "r"])
     assert (own.networks, own.precision, rest) == ("openvino", "auto", ["--out", "r"])
+    own, _ = pipeline_args(["--precision", "bf16"])  # the python backend's default: openvino
+    assert (own.networks, own.precision) == (None, "bf16")
     with pytest.raises(SystemExit):
-        pipeline_args(["--precision", "bf16"])
+        pipeline_args(["--networks", "onnxruntime", "--precision", "bf16"])
     assert "--precision bf16 needs --networks openvino" in capsys.readouterr().err

@@ -51,8 +51,8 @@ def repository(served_ldm_dir, served_model, tmp_path_factory):
     assert not (out / "ldm_txt2img").exists()  # the export writes the networks only
     assert assemble(out, PipelineOptions(
         instances=2, limits={"max_steps": 1000, "default_steps": 4},
-        serving={"preview": "latent", "max_concurrent": 4})) == ["ldm_txt2img",
-                                                                  "ldm_txt2img_stream"]
+        serving={"preview": "latent", "max_concurrent": 4, "networks": "onnxruntime"})) == [
+            "ldm_txt2img", "ldm_txt2img_stream"]
     return out
 
 
