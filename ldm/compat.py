@@ -1,6 +1,7 @@
 """Load CompVis latent-diffusion models: their YAML config and `.ckpt` into our classes.
 
     model = load_compvis("txt2img-1p4B-eval.yaml", "model.ckpt")   # -> LatentDiffusion
+    model = load_compvis("v1-inference.yaml", "sd-v1-4.ckpt")        # Stable Diffusion v1
     model = load_compvis(None, "runs/shapes_ldm/model")              # our own format too
 
 CompVis YAML names classes by import path (`target:`) and passes `params:` to them. Here an
@@ -21,11 +22,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ldm.checkpoints import assign_state, empty_weights, read_checkpoint
 from ldm.config import (
     AutoencoderConfig,
+    CLIPTextConfig,
     ConfigError,
     DDConfig,
     DiffusionConfig,
@@ -41,7 +44,14 @@ log = logging.getLogger(__name__)
 LDM_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion",)
 AUTOENCODER_TARGETS = ("ldm.models.autoencoder.AutoencoderKL",)
 UNET_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",)
-TEXT_TARGETS = ("ldm.modules.encoders.modules.BERTEmbedder",)
+BERT_TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
+CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+TEXT_TARGETS = (BERT_TARGET, CLIP_TARGET)
+# FrozenCLIPEmbedder(version=...): the Hugging Face model it downloads. Only ViT-L/14's text
+# model (SD v1) is known here, offline.
+CLIP_VERSIONS = ("openai/clip-vit-large-patch14",)
+# A buffer older transformers saved in SD v1 files (0..76); newer ones recompute it.
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 LOSS_TARGETS = {
     "torch.nn.Identity": None,
     "ldm.modules.losses.LPIPSWithDiscriminator": LossConfig,
@@ -110,11 +120,45 @@ def ldm_config(model: dict) -> LDMConfig:
     unet = from_dict(UNetConfig, _params(unet_sec, UNET_IGNORED), "unet_config.params")
     if isinstance(cond_sec, str):
         raise ConfigError(f"cond_stage_config {cond_sec!r} is not supported (a text encoder is)")
-    _target(cond_sec, "cond_stage_config", TEXT_TARGETS)
-    text = from_dict(TextEncoderConfig, _params(cond_sec, {"device"}), "cond_stage_config.params")
+    text = text_encoder_config(cond_sec)
     diffusion = from_dict(DiffusionConfig, p, "model.params")
     return LDMConfig(diffusion=diffusion, unet=unet, first_stage=autoencoder_config(first_sec),
                      cond_stage=text)
+
+
+def text_encoder_config(section: dict) -> TextEncoderConfig | CLIPTextConfig:
+    """CompVis `cond_stage_config` -> BERTEmbedder's or FrozenCLIPEmbedder's config."""
+    where = "cond_stage_config.params"
+    if _target(section, "cond_stage_config", TEXT_TARGETS) == BERT_TARGET:
+        return from_dict(TextEncoderConfig, _params(section, {"device"}), where)
+    p = _params(section, {"device", "freeze"})  # frozen either way: SD never trains it
+    version = p.pop("version", CLIP_VERSIONS[0])
+    if version not in CLIP_VERSIONS:
+        raise ConfigError(f"{where}.version {version!r} is not supported (supported: "
+                          f"{list(CLIP_VERSIONS)})")
+    max_length = p.pop("max_length", 77)
+    if max_length != 77:
+        raise ConfigError(f"{where}.max_length {max_length!r}: CLIP's text model has 77 "
+                          "positions")
+    layer = p.pop("layer", "last")  # later CompVis code can pick another layer's states
+    if layer != "last":
+        raise ConfigError(f"{where}.layer {layer!r} is not supported (supported: ['last'])")
+    # Not a CompVis key: our way to describe a CLIP text model of other sizes (the reduced
+    # SD models of the tests); CompVis files never carry it and get ViT-L/14.
+    architecture = p.pop("architecture", {})
+    _check_empty(p, where)
+    return from_dict(CLIPTextConfig, architecture, f"{where}.architecture")
+
+
+def drop_recomputed_buffers(state: dict, checkpoint: str) -> dict:
+    """Buffers some files carry that the model recomputes: `lvlb_weights` (from the schedule)
+    and CLIP's `position_ids` (0..76), which old transformers saved and new ones do not."""
+    ids = state.get(POSITION_IDS)
+    if ids is not None and not torch.equal(ids.reshape(-1).double(),
+                                           torch.arange(ids.numel(), dtype=torch.float64)):
+        log.warning("%s: %s is not 0..%d (a damaged merge?); CLIP's own positions are used",
+                    checkpoint, POSITION_IDS, ids.numel() - 1)
+    return {k: v for k, v in state.items() if k not in ("lvlb_weights", POSITION_IDS)}
 
 
 def load_compvis(
@@ -150,8 +194,6 @@ def load_compvis(
             cfg.diffusion.use_ema = has_ema
         with empty_weights():  # the weights come from the (memory-mapped) file
             model = LatentDiffusion(cfg)
-        # lvlb_weights is a non-persistent buffer recomputed from the schedule; older
-        # checkpoints saved it. Recomputed values are used.
-        state = {k: v for k, v in state.items() if k != "lvlb_weights"}
+        state = drop_recomputed_buffers(state, str(checkpoint))
     assign_state(model, state, str(checkpoint))
     return model.eval()

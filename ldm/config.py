@@ -103,12 +103,27 @@ class UNetConfig:
 class TextEncoderConfig:
     """`BERTEmbedder`: BERT tokenizer + x-transformers-style encoder (CompVis names)."""
 
+    kind: Literal["bert"] = "bert"
     n_embed: int = 1280
     n_layer: int = 32
     vocab_size: int = 30522
     max_seq_len: int = 77
     use_tokenizer: bool = True
     embedding_dropout: float = 0.0
+
+
+@dataclass
+class CLIPTextConfig:
+    """`FrozenCLIPEmbedder` (Stable Diffusion v1): CLIP's BPE tokenizer + CLIP's text
+    transformer (causal, quick-GELU); the defaults are ViT-L/14's, which SD v1 uses."""
+
+    kind: Literal["clip"] = "clip"
+    vocab_size: int = 49408
+    max_seq_len: int = 77
+    n_embed: int = 768  # width: the context's last dimension
+    n_layer: int = 12
+    n_head: int = 12
+    use_tokenizer: bool = True
 
 
 @dataclass
@@ -150,7 +165,7 @@ class LDMConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     first_stage: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    cond_stage: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    cond_stage: TextEncoderConfig | CLIPTextConfig = field(default_factory=TextEncoderConfig)
 
 
 # --- generic dataclass <-> dict conversion with validation -------------------------------
@@ -163,6 +178,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        tagged = _tagged(args, value, where)
+        if tagged is not None:  # `kind:` names the dataclass: its errors are the ones to show
+            return _convert(value, tagged, where)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -213,6 +231,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _tagged(args: tuple, value: Any, where: str) -> type | None:
+    """The dataclass among `args` whose `kind` default is `value["kind"]`, if any."""
+    if not isinstance(value, dict) or "kind" not in value:
+        return None
+    kinds = {f.default: a for a in args if dataclasses.is_dataclass(a)
+             for f in dataclasses.fields(a) if f.name == "kind"}
+    if value["kind"] not in kinds:
+        raise ConfigError(f"{where}.kind: {value['kind']!r} is not one of {list(kinds)}")
+    return kinds[value["kind"]]
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:

@@ -71,13 +71,13 @@ def served_loop(folder: str | Path, networks: Callable[[PipelineInfo], dict[str,
                 options: ServingOptions, batcher=None):
     """server.txt2img.Txt2ImgService from a pipeline model's version `folder` (pipeline.json,
     tokenizer, abar_t) and `networks(info)`, the numpy functions of its three networks."""
-    from ldm.modules.text_encoder import BERTTokenizer
+    from ldm.modules.conditioning import open_tokenizer
     from server.txt2img import Txt2ImgService
 
     folder = Path(folder)
     info = PipelineInfo.load(folder)
     fns = networks(info)
-    tokenizer = BERTTokenizer(folder / TOKENIZER_DIR, max_length=info.max_seq_len)
+    tokenizer = open_tokenizer(folder / TOKENIZER_DIR, info.max_seq_len)
     return Txt2ImgService(info, np.load(folder / ALPHAS_FILE), tokenizer, fns["text_encoder"],
                           fns["unet"], fns["vae_decoder"], options, batcher)
 

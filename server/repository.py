@@ -111,10 +111,10 @@ class Built:
 
     @cached_property
     def tokenizer(self):
-        """The text encoder's tokenizer (Hugging Face's), loaded once for both models."""
-        from ldm.modules.text_encoder import load_bert_tokenizer
+        """The text encoder's tokenizer (BERT or CLIP), loaded once for both models."""
+        from ldm.modules.conditioning import load_tokenizer
 
-        return load_bert_tokenizer(self.config.cond_stage.max_seq_len).tokenizer
+        return load_tokenizer(self.config.cond_stage)
 
     @cached_property
     def pipeline_info(self) -> PipelineInfo:
@@ -151,7 +151,7 @@ def assemble(repo: Path, options: PipelineOptions = PipelineOptions()) -> list[s
         return []
     if not built.config.cond_stage.use_tokenizer:
         raise ValueError("the pipeline needs a text encoder with a tokenizer (BERTEmbedder "
-                         "with use_tokenizer=true)")
+                         "or FrozenCLIPEmbedder with use_tokenizer=true)")
     limits = default_limits(built.config, built.networks, options.limits)
     serving = _serving_options(built, options.serving)
     for name in options.models:
@@ -181,7 +181,7 @@ def _write_model(built: Built, name: str, limits: Limits, serving: ServingOption
         version = tmp / "1"
         version.mkdir()
         shutil.copy2(TEMPLATES / name / "model.py", version / "model.py")
-        save_tokenizer(built.tokenizer, version / TOKENIZER_DIR)
+        built.tokenizer.save(version / TOKENIZER_DIR)
         np.save(version / ALPHAS_FILE, built.alphas_cumprod)
         built.pipeline_info.save(version)
         (tmp / "config.pbtxt").write_text(config_text(
@@ -234,22 +234,6 @@ def served_models(repo: Path, components: bool = False) -> tuple[str, ...]:
         return every
     _, serving, _ = read_pipeline_config(repo / pipeline[-1])
     return every if serving.networks == "bls" else pipeline
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """A BERT tokenizer, loadable offline with `BERTTokenizer(folder)`.
-
-    transformers 5 `save_pretrained` writes tokenizer.json but no vocab.txt, which
-    `BERTTokenizer` requires (see its pitfall note): vocab.txt is written from the vocabulary,
-    one token per line in id order.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(folder))
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    if [vocab[t] for t in tokens] != list(range(len(tokens))):
-        raise ValueError("tokenizer vocabulary ids are not 0..V-1: cannot write vocab.txt")
-    (folder / "vocab.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ dynamic batcher merges BLS calls. Everything else happens here and matches
 `ldm.pipeline.Txt2ImgPipeline` step for step, so a seed gives the same image in process and
 through Triton:
 
-1. tokenize (BERT, 77 tokens; truncation is reported) and encode the prompt, and the negative
+1. tokenize (BERT or CLIP, 77 tokens; truncation is reported) and encode the prompt, and the negative
    prompt when guidance is on (both cached by text: the empty negative prompt is computed once);
 2. x_T = `ldm.pipeline.initial_noise(seed, (N, C, h, w))`, sampler noise from a generator
    seeded with seed + 1;
@@ -113,7 +113,7 @@ def _cap(graph_max: int, option: int) -> int:
 class Txt2ImgService:
     """Generates images for validated requests with pluggable networks (see module docstring).
 
-    `tokenizer` is an `ldm.modules.text_encoder.BERTTokenizer` (anything with
+    `tokenizer` is BERT's or CLIP's (`ldm.modules.conditioning.open_tokenizer`; anything with
     `tokenize(texts) -> (ids (B, L), truncated flags)`). Safe to call from several threads.
     """
 

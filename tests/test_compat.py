@@ -127,9 +127,10 @@ def test_pickle_with_code_is_refused_unless_allowed(tmp_path):
 def test_unsupported_target_lists_supported(tmp_path):
     text = CONFIG.read_text().replace(
         "ldm.modules.encoders.modules.BERTEmbedder",
-        "ldm.modules.encoders.modules.FrozenCLIPEmbedder")
+        "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder")  # SD 2's
     (tmp_path / "c.yaml").write_text(text)
-    with pytest.raises(ConfigError, match="FrozenCLIPEmbedder.*BERTEmbedder"):
+    with pytest.raises(ConfigError,
+                       match="FrozenOpenCLIPEmbedder.*BERTEmbedder.*FrozenCLIPEmbedder"):
         load_compvis(tmp_path / "c.yaml", _write_ckpt_once())
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ldm.config import LDMConfig
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion import DDPM, draw_noise, draw_timesteps
-from ldm.modules.text_encoder import BERTEmbedder
+from ldm.modules.conditioning import make_text_encoder
 
 __all__ = ["LatentDiffusion"]
 
@@ -35,7 +35,7 @@ class LatentDiffusion(DDPM):
 
     Submodules (CompVis names): `model.diffusion_model` (UNet), `model_ema`,
     `first_stage_model` (AutoencoderKL, frozen, always in eval mode) and `cond_stage_model`
-    (BERTEmbedder, trained when `cond_stage_trainable`).
+    (BERTEmbedder, trained when `cond_stage_trainable`; or SD v1's FrozenCLIPEmbedder).
     """
 
     def __init__(self, cfg: LDMConfig):
@@ -62,7 +62,7 @@ class LatentDiffusion(DDPM):
         self.first_stage_model = AutoencoderKL(cfg.first_stage)
         self.first_stage_model.requires_grad_(False)
         if d.conditioning_key is not None:
-            self.cond_stage_model = BERTEmbedder(cfg.cond_stage)
+            self.cond_stage_model = make_text_encoder(cfg.cond_stage)
             if not self.cond_stage_trainable:
                 self.cond_stage_model.requires_grad_(False)
         self.train(self.training)

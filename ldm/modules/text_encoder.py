@@ -100,6 +100,21 @@ class BERTTokenizer:
         """Texts -> input_ids LongTensor (B, max_length), as CompVis `BERTTokenizer.forward`."""
         return self.tokenize(text)[0]
 
+    def save(self, folder: Path) -> None:
+        """The vocabulary, loadable offline with `BERTTokenizer(folder)`.
+
+        transformers 5 `save_pretrained` writes tokenizer.json but no vocab.txt, which the
+        constructor requires (see its pitfall note): vocab.txt is written from the
+        vocabulary, one token per line in id order.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        vocab = self.tokenizer.get_vocab()
+        tokens = sorted(vocab, key=vocab.get)
+        if [vocab[t] for t in tokens] != list(range(len(tokens))):
+            raise ValueError("tokenizer vocabulary ids are not 0..V-1: cannot write vocab.txt")
+        (folder / "vocab.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+
 
 def load_bert_tokenizer(max_length: int = 77, vocab_dir: str | Path | None = None) -> BERTTokenizer:
     """The bert-base-uncased tokenizer, loaded offline (see `default_vocab_dir`)."""
