@@ -1,8 +1,10 @@
-"""The paper-scale trial: a CompVis release-style checkpoint of the 1.45 B txt2img model, loaded,
+"""The paper-scale trial: a CompVis release-style checkpoint of the 1.45 B txt2img model (or of
+Stable Diffusion v1, `--config configs/compvis/v1-inference.yaml`, at 512x512), loaded,
 exported and served in one command, with the memory and time of every stage.
 
     python -m bench.scale                       # ~15 GB of disk under build/scale, 20-30 min
     python -m bench.scale --steps 10 --networks onnxruntime
+    python -m bench.scale --config configs/compvis/v1-inference.yaml --work build/scale_sd
 
 1. make: the architecture of configs/compvis/txt2img-1p4B-eval.yaml with random weights in
    which no tensor is all zeros (CompVis zero-initialises output layers, which would make
@@ -37,12 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.procmem import process_rss, status_bytes
+from bench.scale_report import report
 from server.contract import NETWORK_MODES, PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
 PROMPT = "a painting of a lighthouse on a cliff at sunset"
-GB = 1e9
 
 
 # --- stage 1: the checkpoint ---------------------------------------------------------------
@@ -55,8 +57,9 @@ def make_checkpoint(config: Path, path: Path) -> dict:
     import yaml
 
     from ldm.checkpoints import save_lightning_checkpoint, tensor_bytes
-    from ldm.compat import ldm_config
+    from ldm.compat import POSITION_IDS, ldm_config
     from ldm.models.diffusion import LatentDiffusion
+    from ldm.modules.clip_text import FrozenCLIPEmbedder
 
     stamp = path.with_suffix(".json")
     key = hashlib.sha256(config.read_bytes()).hexdigest()
@@ -66,6 +69,8 @@ def make_checkpoint(config: Path, path: Path) -> dict:
     torch.manual_seed(0)
     model = LatentDiffusion(ldm_config(yaml.safe_load(config.read_text())["model"]))
     state = model.state_dict()
+    if isinstance(model.cond_stage_model, FrozenCLIPEmbedder):  # SD v1: as its files are
+        state[POSITION_IDS] = torch.arange(77)[None]
     with torch.no_grad():
         for t in state.values():
             if t.is_floating_point() and not t.any():
@@ -295,57 +300,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 # --- report --------------------------------------------------------------------------------
 
-def report(r: dict) -> str:
-    ck, ld, ip, ex, sv, st = (r[k] for k in ("checkpoint", "load", "inproc", "export", "serve",
-                                             "ort_step"))
-    nets = ld["network_fp32_bytes"]
-    loaded, busy = sum(sv["rss_after_load"].values()), sum(sv["rss_under_load"].values())
-    peak = max(st["ort_gemm_gflops"], st["torch_gemm_gflops"])
-    peak_by = "ONNX Runtime" if st["ort_gemm_gflops"] >= st["torch_gemm_gflops"] else "PyTorch"
-    gf = ip["unet_flops"] / 1e9
-    lines = [
-        f"Model: {ck['parameters'] / 1e9:.3f} B parameters, checkpoint {ck['file_bytes'] / GB:.2f}"
-        f" GB ({ck['tensor_bytes'] / GB:.2f} GB of tensors, Lightning 1.4 layout); networks "
-        f"served (text encoder, UNet, VAE decoder) {nets / GB:.2f} GB fp32. "
-        f"{r['size']}x{r['size']}, DDIM {r['steps']} steps, guidance 5, {r['threads']} threads."
-        f" Served networks: {sv.get('networks', 'onnxruntime')}.",
-        "",
-        "| stage | wall s | peak RSS GB | ratio | target |",
-        "|---|---:|---:|---:|---|",
-        f"| load (`load_compvis`) | {ld['load_s']:.1f} | {ld['peak_rss'] / GB:.2f} | "
-        f"{ld['peak_rss'] / ld['ckpt_tensor_bytes']:.2f}x tensor bytes | <= 1.25x |",
-        f"| one image in process (PyTorch) | {ip['image_s']:.1f} | {ip['peak_rss'] / GB:.2f} | "
-        f"{ip['peak_rss'] / ld['ckpt_tensor_bytes']:.2f}x tensor bytes | |",
-        f"| export (`export.build_engines`) | {ex['export_s']:.1f} | {ex['peak_rss'] / GB:.2f} | "
-        f"{ex['peak_rss'] / ld['model_fp32_bytes']:.2f}x fp32 weights | <= 1.5x |",
-        f"| serve: start to ready | {sv['ready_s']:.1f} | {loaded / GB:.2f} (all processes) | "
-        f"{loaded / nets:.2f}x network weights | <= 1.3x |",
-        f"| serve: 4 concurrent requests ({r['load_steps']} steps) | {sv['load_4_s']:.1f} | "
-        f"{busy / GB:.2f} (all processes) | {busy / nets:.2f}x network weights | <= 1.3x |",
-        f"| one image over HTTP | {sv['http_s']:.1f} | | {sv['http_psnr']:.1f} dB vs in process"
-        " | >= 40 dB |",
-        f"| one image over gRPC streaming | {sv['grpc_stream_s']:.1f} | | "
-        f"{sv['grpc_stream_psnr']:.1f} dB vs in process | >= 40 dB |",
-        "",
-        "| process | RSS after load GB | RSS at peak under 4 requests GB |",
-        "|---|---:|---:|",
-    ]
-    names = {k.rsplit(" (", 1)[0]: k for k in sv["rss_after_load"]}
-    busy_names = {k.rsplit(" (", 1)[0]: v for k, v in sv["rss_under_load"].items()}
-    for short, key in sorted(names.items()):
-        lines.append(f"| {short} | {sv['rss_after_load'][key] / GB:.2f} | "
-                     f"{busy_names.get(short, 0) / GB:.2f} |")
-    lines += [
-        "",
-        f"UNet step at batch 2 ({gf:.0f} GFLOP counted): PyTorch eager {ip['unet_step_s']:.2f} s "
-        f"({gf / ip['unet_step_s'] / peak:.0%} of peak), ONNX Runtime {st['ort_unet_step_s']:.2f}"
-        f" s ({gf / st['ort_unet_step_s'] / peak:.0%} of peak). fp32 GEMM peak {peak:.0f} GFLOP/s"
-        f" set by {peak_by} (ONNX Runtime {st['ort_gemm_gflops']:.0f}, PyTorch "
-        f"{st['torch_gemm_gflops']:.0f}), 2048^3, same process.",
-    ]
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=CONFIG, help="CompVis LDM YAML")
@@ -353,7 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint, repository and export cache (~15 GB)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps of the compared images")
     p.add_argument("--load-steps", type=int, default=5, help="steps of the 4 concurrent requests")
-    p.add_argument("--size", type=int, default=256, help="image side, pixels")
+    p.add_argument("--size", type=int, default=0,
+                   help="image side, pixels (default: the config's, 256 or SD's 512)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--networks", choices=NETWORK_MODES,
                    help="how the served pipeline runs the networks (default: the server's)")
@@ -361,7 +316,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = trial_paths(p.parse_args(argv))
     args.out_image = args.work / "inproc.npy"
+    args.size = args.size or trained_size(args.config)
     return args
+
+
+def trained_size(config: Path) -> int:
+    """The image side a CompVis config was trained at: latent side x the autoencoder's f."""
+    import yaml
+
+    from ldm.compat import ldm_config
+
+    cfg = ldm_config(yaml.safe_load(config.read_text())["model"])
+    return cfg.diffusion.image_size * 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
 
 
 def trial_paths(args: argparse.Namespace) -> argparse.Namespace:

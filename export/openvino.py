@@ -9,7 +9,8 @@ this CPU. `INFERENCE_PRECISION_HINT` chooses the arithmetic: `f32`, or `bf16` on
 native bf16 (AVX512_BF16 / AMX): inputs and outputs stay float32, the matrix products run in
 bf16 with float32 accumulation, which is the next factor of two once fp32 GEMMs are used up.
 "auto" is bf16 where the CPU has it, else fp32. With `cache_dir` the compiled blob is kept
-(`CACHE_DIR`), so a restart imports it instead of compiling again.
+(`CACHE_DIR`), so a restart imports it instead of compiling again. The float32 pages it
+packed into bf16 are given back after each new shape (export/file_pages.py).
 
 Parity: bf16 keeps 8 bits of mantissa, so its tolerance is wider than fp32's; NaN or Inf
 anywhere fails at any tolerance (export.parity.relative_error).
@@ -21,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+
+from export.file_pages import release_file_pages
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -80,13 +83,21 @@ def openvino_function(path: str | Path, inputs: list[str], output: str,
         raise ValueError(f"{path}: graph inputs {names}, the caller names {inputs}")
     port = compiled.output(output)
     local = threading.local()
+    sources = [Path(path).resolve().parent] + ([Path(cache_dir)] if cache_dir else [])
+    release_file_pages(sources)  # read while compiling or importing
+    shapes: set[tuple] = set()
 
     def call(*arrays: np.ndarray) -> np.ndarray:
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
         result = request.infer(dict(zip(inputs, arrays, strict=True)))
-        return np.array(result[port], copy=True)  # the request reuses its output buffer
+        out = np.array(result[port], copy=True)  # the request reuses its output buffer
+        shape = tuple(a.shape for a in arrays)
+        if shape not in shapes:  # a new shape packed its weights from the mapped files
+            shapes.add(shape)
+            release_file_pages(sources)
+        return out
 
     return call
 

@@ -72,6 +72,32 @@ def test_function_calls_in_the_callers_order_and_caches_the_compiled_graph(
         openvino_function(tiny_onnx["unet"], ["x"], "noise_pred")
 
 
+def resident_bytes_under(folder) -> int:
+    """Resident bytes of this process's mappings of files under `folder` (/proc/self/smaps)."""
+    root, total, inside = str(folder.resolve()) + "/", 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5].startswith(root)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_the_mapped_weights_are_given_back_after_each_new_shape(tiny_specs, tiny_onnx, tmp_path):
+    cache = tmp_path / "cache"
+    openvino_function(tiny_onnx["unet"], ["context", "timestep", "latent"], "noise_pred",
+                      threads=1, cache_dir=cache)  # compiles and writes the blob
+    fn = openvino_function(tiny_onnx["unet"], ["context", "timestep", "latent"], "noise_pred",
+                           threads=1, cache_dir=cache)  # imports it, mapped
+    inputs = tiny_specs["unet"].sample_inputs(generator=None)
+    first = fn(*(inputs[k].numpy() for k in ("context", "timestep", "latent")))
+    assert resident_bytes_under(cache) == 0
+    assert resident_bytes_under(tiny_onnx["unet"].parent) == 0
+    again = fn(*(inputs[k].numpy() for k in ("context", "timestep", "latent")))
+    np.testing.assert_array_equal(again, first)
+
+
 def test_precisions_are_checked():
     with pytest.raises(ValueError, match="precision 'fp16'; allowed"):
         resolve_precision("fp16")

@@ -108,3 +108,20 @@ def test_rest_and_grpc_images_are_the_in_process_images(served_sd):
     other = httpx.post(f"{url}/v1/images/generations", timeout=120,
                        json={"prompt": "a red square", "n": 1, **kw})
     assert psnr(decode_png(other.json()["data"][0]["b64_json"])[None], rest) < 30
+
+
+def test_the_exported_graphs_give_the_in_process_image_at_fp32(served_sd):
+    # The same repository's graphs on ONNX Runtime (fp32), in the served loop: the export of
+    # every SD network, CLIP's text encoder included, is exact.
+    from ldm.pipeline import Txt2ImgPipeline
+    from server.contract import GenerationRequest, ServingOptions
+    from server.networks import local_service
+    from server.repository import read_pipeline_config
+
+    model, _, _, repo = served_sd
+    service = local_service(repo, ServingOptions(networks="onnxruntime", preview="none"), 2)
+    kw = dict(steps=4, guidance_scale=5.0, seed=11, sampler="ddim")
+    limits = read_pipeline_config(repo / "ldm_txt2img_stream")[0]
+    req = GenerationRequest(prompt=PROMPT, num_images=1, **kw).resolve(limits)
+    got = service.generate(req).images
+    assert psnr(got, Txt2ImgPipeline(model)([PROMPT], **kw)) >= 40
