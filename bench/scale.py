@@ -21,8 +21,8 @@ exported and served in one command, with the memory and time of every stage.
    of every process (launcher + gateway, tritonserver, each stub) after load and under 4
    concurrent requests (target <= 1.3x the networks' fp32 weight bytes); one image over HTTP
    and one over gRPC streaming, each compared with the in-process image (PSNR, >= 40 dB);
-6. the ONNX Runtime UNet step at batch 2 on the served graph, and the fp32 GEMM peak of
-   PyTorch and of ONNX Runtime measured in the same process.
+6. the ONNX Runtime UNet step at batch 2 on the served graph, and the GEMM peaks of every
+   runtime (`bench.flops`) measured in the same process.
 Each stage runs in its own process, so each peak is that stage's alone.
 """
 from __future__ import annotations
@@ -139,12 +139,9 @@ def stage_inproc(args) -> dict:
 
 
 def stage_ort_step(args) -> dict:
-    """The served UNet graph at batch 2, and the fp32 GEMM peaks of torch and ONNX Runtime."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from bench.flops import matmul_peak
+    """The served UNet graph at batch 2 on ONNX Runtime, and the GEMM peaks of every runtime
+    (bench.flops.gemm_peaks) measured in the same process."""
+    from bench.flops import gemm_peaks
     from export.ort import make_session
 
     session = make_session(args.repository / "unet" / "1" / "model.onnx", args.threads)
@@ -162,25 +159,7 @@ def stage_ort_step(args) -> dict:
         session.run(None, feeds)
         times.append(time.perf_counter() - t0)
     del session
-    n = 2048
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    gemm = ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    a = {k: rng.standard_normal((n, n), dtype=np.float32) for k in "ab"}
-    gemm.run(None, a)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        gemm.run(None, a)
-        best = min(best, time.perf_counter() - t0)
-    torch_peak = matmul_peak(args.threads)["gflops"]
-    return {"ort_unet_step_s": float(np.median(times)), "ort_gemm_gflops": 2 * n**3 / best / 1e9,
-            "torch_gemm_gflops": torch_peak}
+    return {"ort_unet_step_s": float(np.median(times)), "peaks": gemm_peaks(args.threads)}
 
 
 STAGES = {"load": stage_load, "inproc": stage_inproc, "ort_step": stage_ort_step}

@@ -29,6 +29,7 @@ NETWORKS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # what the 
 PIPELINE_FILE = "pipeline.json"
 ALPHAS_FILE = "alphas_cumprod.npy"
 TOKENIZER_DIR = "tokenizer"
+OPENVINO_CACHE_DIR = ".openvino-cache"  # in the repository folder (server.networks)
 
 # Samplers the pipeline knows (ldm.samplers.SAMPLERS); kept here so parsing needs no torch.
 KNOWN_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "dpmpp_2m", "ddpm")
@@ -176,7 +177,7 @@ class ServingOptions(Parameters):
     # Arithmetic of in-process OpenVINO networks: fp32, bf16 (CPUs with native bf16), or
     # auto (bf16 where native). ONNX Runtime runs fp32 only.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    openvino_cache: str = ""  # compiled-model cache folder; "": $LDM_SERVE_CACHE/openvino
+    openvino_cache: str = ""  # compiled-model cache folder; "": the repository's own
     intra_op_threads: int = Field(0, ge=0)  # ONNX Runtime threads in process; 0: all cores
     batch_wait_ms: int = Field(10, ge=0)  # longest a network call waits for other requests'
     # Most items one UNet / VAE decoder run takes (0: what the graph takes). A run's
@@ -393,5 +394,5 @@ def _size(name: str, value: int | None, limits: Limits) -> int:
 __all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "INPUTS", "KNOWN_SAMPLERS", "MAX_SEED",
            "NETWORKS", "NETWORK_MODES", "OUTPUTS", "PRECISIONS", "PIPELINE_FILE", "PIPELINE_MODELS",
            "PREVIEW_MODES", "PROGRESS_OUTPUTS", "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS",
-           "TOKENIZER_DIR", "GenerationRequest", "InvalidRequest", "Limits", "NetworkTarget",
-           "PipelineInfo", "ServingOptions", "check_parameters", "parse_request"]
+           "TOKENIZER_DIR", "OPENVINO_CACHE_DIR", "GenerationRequest", "InvalidRequest", "Limits",
+           "NetworkTarget", "PipelineInfo", "ServingOptions", "check_parameters", "parse_request"]

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from server.contract import ALPHAS_FILE, NETWORKS, TOKENIZER_DIR, PipelineInfo, ServingOptions
+from server.contract import (
+    ALPHAS_FILE,
+    NETWORKS,
+    OPENVINO_CACHE_DIR,
+    TOKENIZER_DIR,
+    PipelineInfo,
+    ServingOptions,
+)
 
 NumpyFn = Callable[..., np.ndarray]
 
@@ -63,7 +70,7 @@ def local_networks(repository: str | Path, info: PipelineInfo, options: ServingO
         return onnx_networks(repository, info, threads)
     if options.networks == "openvino":
         return openvino_networks(repository, info, threads, options.precision,
-                                 openvino_cache_dir(options))
+                                 openvino_cache_dir(options, repository))
     raise ValueError(f"networks {options.networks!r} are not run in process")
 
 
@@ -91,13 +98,13 @@ def local_service(repository: str | Path, options: ServingOptions, threads: int 
                        options, batcher)
 
 
-def openvino_cache_dir(options: ServingOptions) -> Path:
-    """Where OpenVINO keeps compiled networks: `openvino_cache`, else the project's cache."""
+def openvino_cache_dir(options: ServingOptions, repository: str | Path) -> Path:
+    """Where OpenVINO keeps compiled networks: `openvino_cache`, else `.openvino-cache` inside
+    the repository's folder. The build swaps in a new folder whenever a graph changes, so the
+    cache holds the blobs of the graphs served now and goes with the folder it belongs to."""
     if options.openvino_cache:
         return Path(options.openvino_cache).expanduser()
-    from server.triton_install import cache_root
-
-    return cache_root() / "openvino"
+    return Path(repository).resolve() / OPENVINO_CACHE_DIR
 
 
 def _graphs(repository: str | Path, info: PipelineInfo) -> dict[str, tuple[Path, tuple]]:
