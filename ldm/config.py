@@ -175,21 +175,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        tagged = _tagged(args, value, where)
-        if tagged is not None:  # `kind:` names the dataclass: its errors are the ones to show
-            return _convert(value, tagged, where)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        return _convert_union(value, get_args(tp), where)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -231,6 +217,24 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _convert_union(value: Any, args: tuple, where: str) -> Any:
+    """`value` as the first of `args` that takes it (the one its `kind` names, if any)."""
+    if value is None and type(None) in args:
+        return None
+    tagged = _tagged(args, value, where)
+    if tagged is not None:  # `kind:` names the dataclass: its errors are the ones to show
+        return _convert(value, tagged, where)
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
 
 
 def _tagged(args: tuple, value: Any, where: str) -> type | None:

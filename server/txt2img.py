@@ -10,8 +10,9 @@ dynamic batcher merges BLS calls. Everything else happens here and matches
 `ldm.pipeline.Txt2ImgPipeline` step for step, so a seed gives the same image in process and
 through Triton:
 
-1. tokenize (BERT or CLIP, 77 tokens; truncation is reported) and encode the prompt, and the negative
-   prompt when guidance is on (both cached by text: the empty negative prompt is computed once);
+1. tokenize (BERT or CLIP, 77 tokens; truncation is reported) and encode the prompt, and the
+   negative prompt when guidance is on (both cached by text: the empty negative prompt is
+   computed once);
 2. x_T = `ldm.pipeline.initial_noise(seed, (N, C, h, w))`, sampler noise from a generator
    seeded with seed + 1;
 3. run the sampler over `cfg_denoiser(unet_fn, ...)`: one UNet call per step on the batch

@@ -1,4 +1,4 @@
-"""Stable Diffusion v1 files: CompVis's v1-inference.yaml, and every layout SD checkpoints come in."""
+"""Stable Diffusion v1 files: CompVis's v1-inference.yaml, and every layout SD files come in."""
 from __future__ import annotations
 
 import logging

@@ -109,7 +109,7 @@ class CLIPTokenizer:
         pair everywhere, again and again, until no ranked pair is left."""
         word = (*piece[:-1], piece[-1] + "</w>")
         while len(word) > 1:
-            pairs = set(zip(word, word[1:]))
+            pairs = set(zip(word, word[1:], strict=False))
             best = min(pairs, key=lambda p: self.ranks.get(p, len(self.ranks)))
             if best not in self.ranks:
                 break
