@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or usable_cores()
     repo = served_repository(args.checkpoint, args.work_dir, threads)
     _, cfg = read_config(args.checkpoint)
-    size = cfg.unet.image_size * 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
+    size = cfg.latent_size * 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
     specs = all_specs()[:args.captions or None]
     images, results = {}, {}
     for name in runtimes:

@@ -206,7 +206,7 @@ def prepare(args) -> Setup:
     log.info("model: %s", source.describe())
     model, folder = load_source(source, args.work_dir)
     cfg = model.config
-    image_size = cfg.unet.image_size * model.first_stage_model.downsample_factor
+    image_size = cfg.latent_size * model.first_stage_model.downsample_factor
     repository = build_served_repository(args, folder, threads)
     variants = openvino_variants(repository, threads, args.pipeline_instances or 1)
     twin = diffusers_twin(cfg, float(model.scale_factor))
@@ -219,7 +219,7 @@ def prepare(args) -> Setup:
 
     peak = gemm_peaks(threads, n=512 if args.quick else 2048, tries=2 if args.quick else 5)
     log.info("%s (%d threads, n=%d)", peaks_text(peak), threads, peak["n"])
-    latent = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
+    latent = (cfg.unet.in_channels, cfg.latent_size, cfg.latent_size)
     local = {name: C.LocalService(repository, threads, args.steps, args.guidance_scale,
                                   image_size, *RUNTIMES[name])
              for name in ("onnxruntime_fp32", *variants)}

@@ -306,7 +306,7 @@ def trained_size(config: Path) -> int:
     from ldm.compat import ldm_config
 
     cfg = ldm_config(yaml.safe_load(config.read_text())["model"])
-    return cfg.diffusion.image_size * 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
+    return cfg.latent_size * 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
 
 
 def trial_paths(args: argparse.Namespace) -> argparse.Namespace:

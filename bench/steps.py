@@ -203,7 +203,7 @@ def measure_timing(model, repository: Path, grid: list[tuple[str, int]], guidanc
     from bench.contenders import LocalService
     from bench.run import Entry, image_check, round_robin
 
-    image_size = model.config.unet.image_size * model.first_stage_model.downsample_factor
+    image_size = model.config.latent_size * model.first_stage_model.downsample_factor
     ort = LocalService(repository, threads, DEFAULT_STEPS, guidance, image_size)
     check = image_check(image_size)
     entries = [Entry(f"{s}:{n}", timed_request(ort.service, s, n, guidance, image_size, check))

@@ -101,7 +101,7 @@ class ExportSpec:
 
 
 def latent_range(cfg: LDMConfig, limits: ShapeLimits) -> tuple[int, int, int]:
-    size = cfg.unet.image_size
+    size = cfg.latent_size
     factor = 2 ** (len(cfg.unet.channel_mult) - 1)  # the UNet halves the latent this often
     lo = limits.min_latent or size
     hi = limits.max_latent or size

@@ -167,6 +167,13 @@ class LDMConfig:
     first_stage: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     cond_stage: TextEncoderConfig | CLIPTextConfig = field(default_factory=TextEncoderConfig)
 
+    @property
+    def latent_size(self) -> int:
+        """The side of the latents the model was trained on: LatentDiffusion's `image_size`
+        (CompVis samples at it; the UNet's own `image_size` is unused there, and SD v1's
+        config sets it to 32 beside 64)."""
+        return self.diffusion.image_size
+
 
 # --- generic dataclass <-> dict conversion with validation -------------------------------
 

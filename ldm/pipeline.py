@@ -51,8 +51,8 @@ class Txt2ImgPipeline:
         if sampler not in SAMPLERS:
             get_sampler(sampler)  # raises with the allowed names
         factor = m.first_stage_model.downsample_factor
-        height = height or m.config.unet.image_size * factor
-        width = width or m.config.unet.image_size * factor
+        height = height or m.config.latent_size * factor
+        width = width or m.config.latent_size * factor
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}")
         shape = (len(prompts), m.config.unet.in_channels, height // factor, width // factor)
