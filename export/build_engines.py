@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="python", help=f"one of {', '.join(BACKENDS)}")
     p.add_argument("--device", default="cpu", help="onnxruntime backend instances: cpu or gpu")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
-    p.add_argument("--max-batch", type=int, default=8, help="images per request batch")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="images per batch (0: 8 up to 256 px at f=8, fewer for larger images)")
     p.add_argument("--min-latent", type=int, default=0, help="0: the trained size")
     p.add_argument("--max-latent", type=int, default=0, help="0: the trained size")
     p.add_argument("--opset", type=int, default=17)
@@ -96,6 +97,8 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.checkpoint.is_file() and args.compvis_config is None:
         p.error(f"--checkpoint {args.checkpoint} is a file: a CompVis .ckpt needs "
                 "--compvis-config")
+    if args.max_batch < 0:
+        p.error(f"--max-batch {args.max_batch}: must be >= 1 (or 0: chosen by image size)")
     if args.keep_builds < 1:
         p.error(f"--keep-builds {args.keep_builds}: must be >= 1")
     if args.checkpoint.is_dir() and not (args.checkpoint / "config.yaml").is_file():

@@ -35,7 +35,7 @@ class TensorSpec:
 class ShapeLimits:
     """Batch and latent-size ranges the exported graphs (and TensorRT profiles) cover."""
 
-    max_batch: int = 8  # images per request x concurrent requests batched by Triton
+    max_batch: int = 0  # images per request x concurrent requests batched; 0: auto_max_batch
     min_latent: int = 0  # 0: the model's trained latent size only
     max_latent: int = 0
 
@@ -110,6 +110,14 @@ def latent_range(cfg: LDMConfig, limits: ShapeLimits) -> tuple[int, int, int]:
     return (lo, size, hi)
 
 
+def auto_max_batch(latent: int) -> int:
+    """Images per batch when not given: 8 up to 32x32 latents (256 px at f=8), fewer above so
+    that the largest batch holds as many latent pixels (SD's 64x64: 2). The parity check and
+    the engines run the largest batch; its self-attention grows with the pixels squared (the
+    UNet's at 64x64 and batch 16 would need 8.6 GB per attention matrix)."""
+    return max(1, min(8, 8 * 32 * 32 // (latent * latent)))
+
+
 def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str, ExportSpec]:
     """The four specs for a LatentDiffusion config."""
     seq, dim = cfg.cond_stage.max_seq_len, cfg.cond_stage.n_embed
@@ -117,9 +125,10 @@ def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str
     f = 2 ** (len(cfg.first_stage.ddconfig.ch_mult) - 1)
     lat = latent_range(cfg, limits)
     img = tuple(v * f for v in lat)
-    batch = (1, 1, limits.max_batch)
+    max_batch = limits.max_batch or auto_max_batch(lat[2])
+    batch = (1, 1, max_batch)
     # Classifier-free guidance doubles the UNet batch: [uncond, cond] in one call.
-    unet_batch = (1, 2, 2 * limits.max_batch)
+    unet_batch = (1, 2, 2 * max_batch)
     f32 = "float32"
     return {
         "text_encoder": ExportSpec(
