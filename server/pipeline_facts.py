@@ -13,13 +13,18 @@ from server.contract import Limits
 # A UNet this large fills the cores at batch 1-2 on a CPU: the paper's (3.5 GB) took the same
 # time per item at batch 2, 4 and 8 (0.95-1.05 s), while its activations grew with the batch
 # (+0.4 GB at 2, +0.8 GB at 4, +1.4 GB at 8; the VAE decoder +0.9 GB for 4 images at 256 px).
+# At SD v1's 64x64 latents four items held 1.39x the weights under 4 requests; two, one
+# guided request, keep the time per item and half the activations.
 LARGE_UNET_BYTES = 1 << 30
 
 
-def large_model_caps(unet_bytes: int) -> dict[str, int]:
+def large_model_caps(unet_bytes: int, latent: int = 32) -> dict[str, int]:
     """Serving defaults that bound activation memory for a large model on the CPU: UNet runs
-    of at most 4 items (two guided requests), VAE decodes one image at a time."""
-    return {"unet_max_batch": 4, "vae_max_batch": 1} if unet_bytes > LARGE_UNET_BYTES else {}
+    of at most 4 items (two guided requests) up to 32x32 latents, 2 above; VAE decodes one
+    image at a time. `latent`: the largest latent side the UNet is served at."""
+    if unet_bytes <= LARGE_UNET_BYTES:
+        return {}
+    return {"unet_max_batch": 4 if latent <= 32 else 2, "vae_max_batch": 1}
 
 
 def default_networks(backend: str) -> dict[str, str]:

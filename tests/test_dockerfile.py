@@ -50,9 +50,13 @@ def test_base_image_volume_and_what_is_installed():
     assert ("VOLUME", '["/models"]') in ins and ("EXPOSE", "8080") in ins
     runs = " ".join(args for word, args in ins if word == "RUN")
     assert "torch==${TORCH_VERSION}" in runs and "pip install -r /tmp/requirements.txt" in runs
-    # requirements.txt goes in without the CPU-only Triton from PyPI.
-    assert re.search(r"grep -v -E '\^\((nvidia-pytriton)\|", runs)
-    assert "nvidia-pytriton" in (PROJECT_ROOT / "requirements.txt").read_text()
+    # requirements.txt goes in without the CPU-only Triton from PyPI; the tests', evaluation's
+    # and benchmarks' packages are not in it at all.
+    assert "grep -v -E '^nvidia-pytriton==' requirements.txt" in runs
+    runtime = (PROJECT_ROOT / "requirements.txt").read_text()
+    assert "nvidia-pytriton" in runtime and "requirements-dev" not in runs
+    for dev in ("pytest", "diffusers", "scikit-image", "scipy", "selenium", "schemathesis"):
+        assert not re.search(rf"^{dev}==", runtime, re.M), dev
 
 
 def test_start_command_matches_our_command_lines(tiny_ldm_dir):
@@ -73,3 +77,16 @@ def test_start_command_matches_our_command_lines(tiny_ldm_dir):
         b.backend, b.out, b.work_dir, b.checkpoint)
     assert s.tritonserver == Path("/opt/tritonserver/bin/tritonserver")
     assert (s.host, s.port) == ("0.0.0.0", 8080)
+
+
+def test_compose_and_the_documented_run_give_triton_enough_shared_memory():
+    import yaml
+
+    header = DOCKERFILE.read_text().split("FROM", 1)[0]
+    assert "docker run --gpus all --shm-size=1g -p 8080:8080 -v ldm-models:/models" in header
+    service = yaml.safe_load((PROJECT_ROOT / "compose.yaml").read_text())["services"]["ldm-serve"]
+    assert service["shm_size"] == "1gb" and service["ports"] == ["8080:8080"]
+    assert "ldm-models:/models" in service["volumes"]
+    assert any(v.endswith(":/checkpoint:ro") for v in service["volumes"])
+    gpus = service["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]

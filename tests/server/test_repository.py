@@ -145,6 +145,8 @@ def test_served_models_leave_out_networks_the_pipeline_runs_itself(model, specs,
 def test_large_models_get_batch_caps(model, specs, tmp_path):
     # The paper's UNet (872 M parameters, 3.5 GB in fp32): UNet and VAE runs are capped.
     assert large_model_caps(872_000_000 * 4) == {"unet_max_batch": 4, "vae_max_batch": 1}
+    # SD v1's (3.4 GB) at 64x64 latents: one guided request per UNet run.
+    assert large_model_caps(860_000_000 * 4, 64) == {"unet_max_batch": 2, "vae_max_batch": 1}
     tiny = sum(p.numel() * 4 for p in model.model.parameters())
     assert large_model_caps(tiny) == {}  # the tiny one: batching pays, no caps
     # assemble reads the served UNet file's size (sparse: no disk used).
