@@ -138,7 +138,7 @@ class _Keys:
                                  options.limits)
         graph_code = source_digest(GRAPH_SOURCES)
         self.onnx = {name: sha256_json({
-            "checkpoint": self.checkpoint, "spec": asdict(self.specs[name]),
+            "checkpoint": self.checkpoint, "spec": graph_fields(self.specs[name]),
             "opset": options.opset, "ema": options.use_ema,
             "external": options.external_data_threshold, "code": graph_code,
             "torch": self.versions["torch"], "onnx": self.versions["onnx"]})
@@ -147,6 +147,11 @@ class _Keys:
             "format": MANIFEST_FORMAT, "onnx": self.onnx, "options": asdict(options),
             "requested_backend": requested, "tensorrt": trt_info, "versions": self.versions,
             "code": source_digest(REPOSITORY_SOURCES)})
+
+
+def graph_fields(spec: ExportSpec) -> dict:
+    """The spec's fields the ONNX graph depends on (not the engines' arithmetic)."""
+    return {k: v for k, v in asdict(spec).items() if k != "engine_precision"}
 
 
 def _write_repository(build: Builder, keys: _Keys, served: dict[str, Path],

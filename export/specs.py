@@ -17,6 +17,7 @@ the VAE graphs apply 1/scale_factor (decoder) and scale_factor (encoder) themsel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -53,6 +54,10 @@ class ExportSpec:
     # Per integer input: the values it may hold, [low, high) (token ids within the
     # vocabulary, timesteps within the schedule). Served models refuse others.
     value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Arithmetic of the network's TensorRT engine. The VAE's GroupNorms over 512x512
+    # activations are this architecture's classic fp16 overflow (a NaN, then a black image
+    # through the uint8 conversion), so the VAE stays fp32: a few % of the per-image time.
+    engine_precision: Literal["fp16", "fp32"] = "fp16"
 
     @property
     def max_batch_size(self) -> int:
@@ -154,6 +159,7 @@ def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str
             (TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
             {"batch": batch, "height": lat, "width": lat, "image_height": img,
              "image_width": img},
+            engine_precision="fp32",
         ),
         "vae_encoder": ExportSpec(
             "vae_encoder",
@@ -162,6 +168,7 @@ def build_specs(cfg: LDMConfig, limits: ShapeLimits = ShapeLimits()) -> dict[str
              TensorSpec("logvar", f32, ("batch", cfg.first_stage.embed_dim, "height", "width"))),
             {"batch": batch, "height": lat, "width": lat, "image_height": img,
              "image_width": img},
+            engine_precision="fp32",
         ),
     }
 

@@ -12,9 +12,12 @@ version and GPU model that built it, and Triton must run the same TensorRT versi
 cache file per GPU/TensorRT version is shared by all builds, so a rebuild after a small graph
 change skips most kernel timing.
 
-Precision: fp16 builder flag with fp32 I/O (the spec's dtypes); TensorRT keeps
-LayerNormalization (opset 17) and Softmax accumulation in fp32. int64 I/O (`input_ids`,
-`timestep`) needs TensorRT >= 10.
+Precision: per network (`ExportSpec.engine_precision`): the text encoder and the UNet get the
+fp16 builder flag with fp32 I/O (the spec's dtypes), the VAE stays fp32. Whether TensorRT
+keeps LayerNormalization and Softmax in fp32 under that flag is not checked yet: no engine
+has run here. TensorRT 11 has no FP16 flag (strongly typed networks) and is refused with a
+message until an fp16 ONNX export exists. int64 I/O (`input_ids`, `timestep`) needs
+TensorRT >= 10.
 """
 from __future__ import annotations
 
@@ -47,15 +50,28 @@ def profile_shapes(spec: ExportSpec) -> dict[str, tuple[Shape, Shape, Shape]]:
             for t in spec.inputs}
 
 
-def builder_plan(spec: ExportSpec, settings: EngineSettings) -> dict:
+# TensorRT majors whose weakly typed builder takes the FP16 flag: it is deprecated from 10.12
+# and gone in 11, where a network's types come from the ONNX file (strongly typed networks).
+FLAG_TYPED_MAJORS = (8, 9, 10)
+
+
+def builder_plan(spec: ExportSpec, settings: EngineSettings, trt_version: str = "10.0.0") -> dict:
     """Everything `build_engine` sets on the builder config, as plain data (tested here, used
-    verbatim on the GPU host)."""
+    verbatim on the GPU host). fp16 where both the settings and the network's spec ask for it
+    (`ExportSpec.engine_precision`: the VAE stays fp32)."""
     if not 0 <= settings.optimization_level <= 5:
         raise ValueError(f"optimization_level must be in 0..5, got {settings.optimization_level}")
     if settings.workspace_gib <= 0:
         raise ValueError(f"workspace_gib must be > 0, got {settings.workspace_gib}")
+    major = int(trt_version.split(".")[0])
+    fp16 = settings.fp16 and spec.engine_precision == "fp16"
+    if major not in FLAG_TYPED_MAJORS:
+        raise ValueError(
+            f"TensorRT {trt_version}: engines are built with the FP16 builder flag, which "
+            f"TensorRT {major} no longer has (its networks are strongly typed: the ONNX file "
+            "must carry fp16 itself); supported: TensorRT 8-10")
     return {
-        "flags": ["FP16"] if settings.fp16 else [],
+        "flags": ["FP16"] if fp16 else [],
         "workspace_bytes": int(settings.workspace_gib * 2**30),
         "optimization_level": settings.optimization_level,
         "profile": {k: [list(s) for s in v] for k, v in profile_shapes(spec).items()},
@@ -66,7 +82,7 @@ def engine_key(onnx_hash: str, trt_version: str, gpu_name: str, spec: ExportSpec
                settings: EngineSettings) -> str:
     """sha256 of what a plan depends on (hex, first 16 characters are used in file names)."""
     payload = {"onnx": onnx_hash, "tensorrt": trt_version, "gpu": gpu_name,
-               "settings": asdict(settings), "plan": builder_plan(spec, settings)}
+               "settings": asdict(settings), "plan": builder_plan(spec, settings, trt_version)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -112,7 +128,7 @@ def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path
     if path.is_file():
         log.info("%s: engine up to date (%s)", spec.name, path.name)
         return path
-    plan = builder_plan(spec, settings)
+    plan = builder_plan(spec, settings, trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.

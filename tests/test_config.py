@@ -71,7 +71,8 @@ def test_the_text_encoder_kind_picks_its_config():
     with pytest.raises(ConfigError, match=r"unknown config key cond_stage.n_heads \(allowed: "
                                           r"kind, max_seq_len, n_embed, n_head"):
         from_dict(LDMConfig, {"cond_stage": {"kind": "clip", "n_heads": 4}})
-    with pytest.raises(ConfigError, match=r"cond_stage.kind: 't5' is not one of \['bert', 'clip'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"cond_stage.kind: 't5' is not one of \['bert', 'clip'\]"):
         from_dict(LDMConfig, {"cond_stage": {"kind": "t5"}})
     assert from_dict(LDMConfig, to_dict(LDMConfig(cond_stage=clip))).cond_stage == clip
 

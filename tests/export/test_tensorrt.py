@@ -54,6 +54,14 @@ def test_builder_plan(specs):
                     "context": [[1, 77, 32], [2, 77, 32], [6, 77, 32]]},
     }
     assert builder_plan(specs["unet"], EngineSettings(fp16=False))["flags"] == []
+    # Per network: the VAE's GroupNorms overflow in fp16, so its engines stay fp32.
+    flags = {name: builder_plan(spec, EngineSettings())["flags"] for name, spec in specs.items()}
+    assert flags == {"text_encoder": ["FP16"], "unet": ["FP16"], "vae_decoder": [],
+                     "vae_encoder": []}
+    # TensorRT 11 has no FP16 flag: refused by name, never an AttributeError mid-build.
+    with pytest.raises(ValueError, match=r"TensorRT 11.0.1: .* supported: TensorRT 8-10"):
+        builder_plan(specs["unet"], EngineSettings(), "11.0.1")
+    assert builder_plan(specs["unet"], EngineSettings(), "10.13.0")["flags"] == ["FP16"]
     with pytest.raises(ValueError, match="optimization_level"):
         builder_plan(specs["unet"], EngineSettings(optimization_level=6))
     with pytest.raises(ValueError, match="workspace_gib"):
