@@ -255,9 +255,23 @@ class Builder:
         if path in existing:
             self.report.reused.append(f"{name}: tensorrt engine")
         else:
-            self.report.rebuilt.append(f"{name}: tensorrt engine")
+            report = self._engine_parity(path, onnx_path, spec)
+            self.report.rebuilt.append(f"{name}: tensorrt {spec.engine_precision} engine + "
+                                       f"parity (max rel {report.max_rel:.1e})")
         self._use(path)
         return path
+
+    @staticmethod
+    def _engine_parity(plan: Path, onnx_path: Path, spec: ExportSpec):
+        """A new engine against ONNX Runtime; a failing plan is removed, never reused."""
+        from export.engine_parity import check_engine_parity
+        from export.parity import ParityError
+
+        try:
+            return check_engine_parity(plan, onnx_path, spec)
+        except ParityError:
+            plan.unlink(missing_ok=True)
+            raise
 
 
 def spec_summary(spec: ExportSpec) -> dict:
