@@ -58,7 +58,7 @@ from export.manifest import (
 from export.onnx_export import copy_onnx, link_or_copy
 from export.specs import ExportSpec, build_specs
 from export.steps import MODELS, Builder, BuildOptions, BuildReport, model_config_dict
-from export.tensorrt import trt_status
+from export.tensorrt import same_model_gpus, trt_status
 from export.triton_config import TritonOptions, model_config
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,10 @@ def _resolve_backend(options: BuildOptions) -> tuple[BuildOptions, str | None]:
         return options, None
     ok, why = trt_status()
     if ok:
-        return options, why
+        gpus = options.triton.gpus or same_model_gpus()
+        log.info("TensorRT engines for GPUs %s (%s)", list(gpus), why)
+        triton = dataclasses.replace(options.triton, gpus=gpus)
+        return dataclasses.replace(options, triton=triton), why
     log.warning("TensorRT engines skipped (%s); writing the onnxruntime backend instead", why)
     triton = dataclasses.replace(options.triton, backend="onnxruntime")
     return dataclasses.replace(options, triton=triton), None

@@ -115,6 +115,16 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
+def same_model_gpus(names: list[str] | None = None) -> tuple[int, ...]:
+    """Ids of the GPUs of GPU 0's model (the one engines are built on and keyed by), from
+    `names` (each GPU's name, in id order; default: this host's)."""
+    if names is None:
+        import torch
+
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return tuple(i for i, n in enumerate(names) if n == names[0]) if names else ()
+
+
 def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path,
                  settings: EngineSettings = EngineSettings()) -> Path:
     """The cached plan for this ONNX file, GPU and TensorRT version, built if missing."""

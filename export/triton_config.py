@@ -43,6 +43,9 @@ class TritonOptions:
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
     threads: int = 0  # intra-op threads per CPU instance; 0: usable cores / instances
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # openvino backend's arithmetic
+    # KIND_GPU instances only on these GPUs (() : on every GPU). A TensorRT plan runs only on
+    # the GPU model that built it: the build lists the GPUs of that model.
+    gpus: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -59,6 +62,9 @@ class TritonOptions:
             raise ValueError("the openvino backend runs on the CPU: use device cpu")
         if self.precision != "fp32" and self.backend != "openvino":
             raise ValueError(f"precision {self.precision} is for the openvino backend")
+        if self.gpus and self.instance_kind != "KIND_GPU":
+            raise ValueError(f"gpus {list(self.gpus)} are for GPU instances (tensorrt, or "
+                             "onnxruntime on device gpu)")
 
     @property
     def instance_kind(self) -> str:
@@ -109,12 +115,13 @@ def spec_tensor(tensor: TensorSpec, batched: bool, *, output: bool = False):
 
 def base_config(name: str, *, backend: str = "", platform: str = "", max_batch_size: int = 0,
                 instances: int = 1, kind: str = "KIND_CPU",
-                parameters: dict[str, str] | None = None):
+                parameters: dict[str, str] | None = None, gpus: tuple[int, ...] = ()):
     """A ModelConfig with what every model of ours sets; tensors are added by the caller."""
     pb = _model_config_pb2()
     cfg = pb.ModelConfig(name=name, backend=backend, platform=platform,
                          max_batch_size=max_batch_size)
-    cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.Kind.Value(kind),
+                           gpus=list(gpus))
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -140,7 +147,7 @@ def network_config(spec: ExportSpec, options: TritonOptions):
     cfg = base_config(spec.name, backend=backend, platform=platform,
                       max_batch_size=spec.max_batch_size if batched else 0,
                       instances=options.instances, kind=options.instance_kind,
-                      parameters=_thread_parameters(spec, options))
+                      parameters=_thread_parameters(spec, options), gpus=options.gpus)
     cfg.input.extend(spec_tensor(t, batched) for t in spec.inputs)
     cfg.output.extend(spec_tensor(t, batched, output=True) for t in spec.outputs)
     if spec.dynamic_batching and batched:

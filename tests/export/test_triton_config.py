@@ -113,3 +113,22 @@ def test_one_writer_escapes_every_value():
     assert back.parameters["note"].string_value == tricky
     assert back.parameters['k"ey'].string_value == "v"
     assert back.input[0].HasField("reshape") and list(back.input[0].reshape.shape) == []
+
+
+def test_gpu_instances_go_on_the_listed_gpus(tiny_specs):
+    # A TensorRT plan only runs on the GPU model that built it: the build lists those GPUs.
+    cfg = parse(model_config(tiny_specs["unet"], TritonOptions("tensorrt", gpus=(0, 2))))
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert list(cfg.instance_group[0].gpus) == [0, 2]
+    every = parse(model_config(tiny_specs["unet"], TritonOptions("tensorrt")))
+    assert list(every.instance_group[0].gpus) == []  # Triton's default: every GPU
+    with pytest.raises(ValueError, match=r"gpus \[0\] are for GPU instances"):
+        TritonOptions("python", gpus=(0,))
+
+
+def test_same_model_gpus():
+    from export.tensorrt import same_model_gpus
+
+    assert same_model_gpus(["NVIDIA H100", "NVIDIA L4", "NVIDIA H100"]) == (0, 2)
+    assert same_model_gpus(["NVIDIA L4"]) == (0,)
+    assert same_model_gpus([]) == ()
