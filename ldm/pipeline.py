@@ -31,6 +31,9 @@ class Txt2ImgPipeline:
 
     def __init__(self, model):
         self.model = model.eval()
+        # Non-finite values in the last call's decoded images (before uint8, where a NaN
+        # becomes black): an fp16 overflow shows up here, not in the image.
+        self.last_nonfinite = 0
 
     @torch.no_grad()
     def __call__(
@@ -68,6 +71,7 @@ class Txt2ImgPipeline:
             z = get_sampler(sampler)(eps_fn, x_T.to(device), m.alphas_cumprod, steps,
                                      generator=generator, callback=callback)
             images = m.decode_first_stage(z)
+        self.last_nonfinite = int((~torch.isfinite(images)).sum())
         return latents_to_uint8(images)
 
 
