@@ -26,6 +26,4 @@ def test_rows_for_both_runtimes_against_onnxruntime_ddim25(tiny_ldm_dir, tmp_pat
     openvino = "openvino_bf16" if ("openvino_bf16", "ddim", 4) in rows else "openvino_fp32"
     assert set(rows) == {(rt, "ddim", n) for rt in ("onnxruntime", openvino) for n in (4, 25)}
     assert rows[("onnxruntime", "ddim", 25)][1] == 1.0
-    assert all(ms > 0 for ms, _ in rows.values())
-    # 4 steps cost less than 25 on the same server: the requests really ran their steps.
-    assert rows[("onnxruntime", "ddim", 4)][0] < rows[("onnxruntime", "ddim", 25)][0]
+    assert all(ms > 0 for ms, _ in rows.values())  # times are the bench's, never asserted
