@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:  # run as a file on a machine where nothing of our
     sys.path.insert(0, str(ROOT))
 
 from bench.flops import count_flops  # noqa: E402
+from bench.run import psnr  # noqa: E402
 from ldm.data.shapes import all_specs  # noqa: E402
 from ldm.evaluation.judge import score  # noqa: E402
 from ldm.pipeline import Txt2ImgPipeline, latents_to_uint8  # noqa: E402
@@ -43,11 +44,6 @@ PAPER = ROOT / "configs" / "compvis" / "txt2img-1p4B-eval.yaml"
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def demo_images(model, device, precision: str, captions: list[str], seeds: int,

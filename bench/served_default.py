@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.steps import DEFAULT_CHECKPOINT, DEFAULT_WORK, served_repository
-
-REFERENCE = ("ddim", 25)
+from bench.steps import DEFAULT_CHECKPOINT, DEFAULT_WORK, REFERENCE, served_repository
 
 
 def timed(client, sampler: str, steps: int):
