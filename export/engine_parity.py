@@ -11,13 +11,12 @@ machine has no GPU and no TensorRT, so `tests/export/test_tensorrt.py` skips it.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from export.parity import ParityReport, References, compare_outputs, parity_points
+from export.parity import ParityReport, References, compare_outputs, reference_outputs
 from export.specs import ExportSpec
 
 # max |engine - ORT| / max |ORT|. fp16: 10-bit mantissas through tens of layers; fp32: TF32
@@ -70,17 +69,14 @@ def onnxruntime_references(onnx_path: str | Path, spec: ExportSpec,
 
     from export.ort import make_session
 
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
     session = make_session(onnx_path)
     names = [t.name for t in spec.outputs]
-    generator = torch.Generator().manual_seed(seed)
-    cases = []
-    for point in parity_points(spec):
-        inputs = spec.sample_inputs(generator=generator, **point)
-        outputs = session.run(names, {k: v.numpy() for k, v in inputs.items()})
-        cases.append((point, inputs, tuple(torch.from_numpy(o) for o in outputs)))
-    return References(seed, cases)
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
+        return tuple(torch.from_numpy(o) for o in session.run(names, feeds))
+
+    return reference_outputs(run, spec, seed)
 
 
 def check_engine_parity(plan: str | Path, onnx_path: str | Path, spec: ExportSpec,

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -108,13 +109,16 @@ class References:
     cases: list[tuple[dict[str, int], dict[str, torch.Tensor], tuple[torch.Tensor, ...]]]
 
 
-def reference_outputs(module: nn.Module, spec: ExportSpec, seed: int | None = None,
+def reference_outputs(module: nn.Module | Callable[..., Any], spec: ExportSpec,
+                      seed: int | None = None,
                       points: list[dict[str, int]] | None = None) -> References:
-    """`module`'s outputs at each profile point on fresh random inputs from `seed`."""
+    """`module`'s outputs at each profile point on fresh random inputs from `seed` (a module
+    is put in eval mode; any callable taking the inputs in spec order will do)."""
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     generator = torch.Generator().manual_seed(seed)
-    module = module.eval()
+    if isinstance(module, nn.Module):
+        module = module.eval()
     cases = []
     for point in points or parity_points(spec):
         inputs = spec.sample_inputs(generator=generator, **point)
