@@ -17,7 +17,7 @@ import logging
 import sys
 
 from export import build_engines
-from server.contract import NETWORK_MODES, PRECISIONS
+from server.contract import NETWORK_MODES, PRECISIONS, ServingOptions
 from server.pipeline_facts import default_networks
 
 
@@ -35,16 +35,15 @@ def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
 def main(argv: list[str] | None = None) -> int:
     own, rest = pipeline_args(sys.argv[1:] if argv is None else argv)
     args = build_engines.parse_args(rest)
-    serving = {**default_networks(args.backend),
-               **{k: v for k, v in vars(own).items() if v is not None}}
-    if serving["networks"] == "openvino":  # check the graphs on the runtime that will run them
-        serving.setdefault("precision", "fp32")
-        rest = [*rest, "--openvino-parity", serving["precision"]]
-    elif own.precision not in (None, "fp32"):
-        print(f"server.build: error: --precision {own.precision} needs --networks openvino "
-              f"(--backend {args.backend} serves through networks={serving['networks']})",
-              file=sys.stderr)
+    chosen = {k: v for k, v in vars(own).items() if v is not None}
+    serving = {**default_networks(args.backend, chosen), **chosen}
+    try:  # refused before exporting, as the pipeline models would refuse it after
+        ServingOptions(**serving)
+    except ValueError as e:
+        print(f"server.build: error: {e}", file=sys.stderr)
         return 2
+    if serving["networks"] == "openvino":  # check the graphs on the runtime that will run them
+        rest = [*rest, "--openvino-parity", serving["precision"]]
     code = build_engines.main(rest)
     if code != 0:
         return code

@@ -27,13 +27,16 @@ def large_model_caps(unet_bytes: int, latent: int = 32) -> dict[str, int]:
     return {"unet_max_batch": 4 if latent <= 32 else 2, "vae_max_batch": 1}
 
 
-def default_networks(backend: str) -> dict[str, str]:
-    """How the pipeline runs the networks unless told: with the python backend, in process on
-    OpenVINO at bf16 where the CPU has it, else fp32 (issue 13: on the demo model bf16 keeps
-    the judged accuracy within a point of fp32, bench/RESULTS.md); otherwise through Triton's
-    own models (BLS), which is how TensorRT engines are served."""
-    return {"networks": "openvino", "precision": "auto"} if backend == "python" else \
-        {"networks": "bls"}
+def default_networks(backend: str, chosen: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """`networks` and `precision` over `chosen` (ServingOptions fields a user set). Unless told,
+    the python backend runs them in process on OpenVINO at bf16 where the CPU has it, else
+    fp32 (issue 13: on the demo model bf16 keeps the judged accuracy within a point of fp32,
+    bench/RESULTS.md); other backends through Triton's own models (BLS), which is how
+    TensorRT engines are served. The precision default goes with OpenVINO only."""
+    networks = (chosen or {}).get("networks") or ("openvino" if backend == "python" else "bls")
+    if networks != "openvino":
+        return {"networks": networks}
+    return {"networks": networks, "precision": "auto" if backend == "python" else "fp32"}
 
 
 def num_timesteps(cfg) -> int:

@@ -164,10 +164,8 @@ def assemble(repo: Path, options: PipelineOptions = PipelineOptions()) -> list[s
 
 def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
     latent = built.networks["unet"]["profile"]["height"][2]  # the largest served
-    defaults = {**default_networks(built.backend),
+    defaults = {**default_networks(built.backend, overrides),
                 **large_model_caps(built.network_bytes("unet"), latent)}
-    if overrides.get("networks", defaults["networks"]) != "openvino":
-        defaults.pop("precision", None)  # the precision default goes with the runtime's
     serving = ServingOptions(**{**defaults, **overrides})
     if serving.networks != "bls" and built.backend == "tensorrt":
         raise ValueError(f"networks={serving.networks} needs ONNX files; a TensorRT repository "
