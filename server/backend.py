@@ -32,7 +32,7 @@ from server.client import (
     grpc_client,
     output_from_result,
 )
-from server.contract import Limits
+from server.contract import Limits, config_parameters
 from server.errors import GatewayError, triton_error
 from server.schemas import ImageData, ImageGenerationRequest, ImageGenerationResponse, StreamRequest
 
@@ -114,9 +114,7 @@ class TritonBackend:
                                              client_timeout=self.settings.probe_timeout)
         except Exception as e:  # noqa: BLE001
             raise triton_error(e, self.url) from e
-        params = {k: v.get("string_value", "")
-                  for k, v in cfg["config"].get("parameters", {}).items()}
-        limits = Limits.from_parameters(params)
+        limits = Limits.from_parameters(config_parameters(cfg["config"]))
         with self._lock:
             self._limits = (time.monotonic() + self.settings.config_ttl, limits)
         return limits

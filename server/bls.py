@@ -25,15 +25,12 @@ from server.contract import (
     PipelineInfo,
     ServingOptions,
     check_parameters,
+    config_parameters,
 )
 from server.networks import served_loop
 from server.txt2img import Cancelled, Progress, Result, Txt2ImgService
 
 log = logging.getLogger(__name__)
-
-def parameters(model_config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-
 
 def to_numpy(tensor) -> np.ndarray:
     """A pb_utils.Tensor as a host array (BLS outputs of GPU models may live on the GPU)."""
@@ -91,7 +88,7 @@ def network_metrics(model: str) -> Callable[[str, list[int], int, float], None] 
 def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     """Everything `initialize` needs, from the model's config and its version folder."""
     config = json.loads(args["model_config"])
-    params = parameters(config)
+    params = config_parameters(config)
     check_parameters(params)
     limits = Limits.from_parameters(params)
     options = ServingOptions.from_parameters(params)

@@ -195,6 +195,12 @@ class ServingOptions(Parameters):
         return self
 
 
+def config_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """A model config's parameters as Triton gives them in JSON (`{"parameters": {k:
+    {"string_value": v}}}`); an empty value comes back without `string_value`."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
 def check_parameters(params: Mapping[str, str]) -> None:
     """Refuse config.pbtxt parameters that neither the limits nor the options know."""
     known = set(Limits.model_fields) | set(ServingOptions.model_fields)
@@ -395,4 +401,5 @@ __all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "INPUTS", "KNOWN_SAMPLERS", "MAX
            "NETWORKS", "NETWORK_MODES", "OUTPUTS", "PRECISIONS", "PIPELINE_FILE", "PIPELINE_MODELS",
            "PREVIEW_MODES", "PROGRESS_OUTPUTS", "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS",
            "TOKENIZER_DIR", "OPENVINO_CACHE_DIR", "GenerationRequest", "InvalidRequest", "Limits",
-           "NetworkTarget", "PipelineInfo", "ServingOptions", "check_parameters", "parse_request"]
+           "NetworkTarget", "PipelineInfo", "ServingOptions", "check_parameters",
+           "config_parameters", "parse_request"]

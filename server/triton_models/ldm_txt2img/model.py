@@ -27,7 +27,13 @@ import triton_python_backend_utils as pb_utils  # exists only inside Triton
 # The installed package (pip install -e .); no torch here.
 from server.concurrency import RequestPool
 from server.contract import OUTPUTS as OUTPUT_SPECS
-from server.contract import GenerationRequest, InvalidRequest, Limits, ServingOptions
+from server.contract import (
+    GenerationRequest,
+    InvalidRequest,
+    Limits,
+    ServingOptions,
+    config_parameters,
+)
 
 TARGET = "ldm_txt2img_stream"
 OUTPUTS = list(OUTPUT_SPECS)
@@ -49,7 +55,7 @@ def _copy_error(error):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         # Twice the target's slots: requests waiting here are cheap, and the target queues.
         options = ServingOptions.from_parameters(params)
         self.limits = Limits.from_parameters(params)
