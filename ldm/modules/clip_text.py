@@ -20,15 +20,12 @@ what is exported to ONNX as `text_encoder`.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from ldm.config import CLIPTextConfig
 from ldm.modules.clip_tokenizer import CLIPTokenizer
-
-log = logging.getLogger(__name__)
+from ldm.modules.text_conditioner import TextConditioner
 
 LAYER_NORM_EPS = 1e-5  # CLIP's
 
@@ -132,45 +129,17 @@ class CLIPTextModel(nn.Module):
         return self.text_model(input_ids)
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class FrozenCLIPEmbedder(TextConditioner):
     """tau_theta for SD v1: prompts -> (B, 77, 768) context. Frozen: SD never trains it
-    (`cond_stage_trainable: false`); the tokenizer is loaded on first use."""
+    (`cond_stage_trainable: false`). Tokenizer, forward and encode: TextConditioner."""
 
     def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.use_tknz_fn = cfg.use_tokenizer
-        self._tokenizer: CLIPTokenizer | None = None
+        super().__init__(cfg)
         self.transformer = CLIPTextModel(cfg)
 
-    @property
-    def tknz_fn(self) -> CLIPTokenizer:
-        if self._tokenizer is None:
-            tokenizer = CLIPTokenizer(max_length=self.cfg.max_seq_len)
-            if tokenizer.vocab_size > self.cfg.vocab_size:
-                raise ValueError(f"the CLIP tokenizer has {tokenizer.vocab_size} ids but the "
-                                 f"text encoder's vocab_size is {self.cfg.vocab_size}")
-            self._tokenizer = tokenizer
-        return self._tokenizer
-
-    def tokenize(self, text: str | list[str]) -> tuple[torch.Tensor, list[bool]]:
-        ids, truncated = self.tknz_fn.tokenize(text)
-        return ids.to(self.transformer.text_model.embeddings.token_embedding.weight.device), \
-            truncated
+    def load_tokenizer(self) -> CLIPTokenizer:
+        return CLIPTokenizer(max_length=self.cfg.max_seq_len)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, 77) int64 -> context (B, 77, n_embed): the exported `text_encoder`."""
         return self.transformer(input_ids)
-
-    def forward(self, text: str | list[str] | torch.Tensor) -> torch.Tensor:
-        if not self.use_tknz_fn:
-            return self.embed_tokens(text)
-        if isinstance(text, torch.Tensor):
-            raise TypeError("FrozenCLIPEmbedder takes strings, not ids (use embed_tokens)")
-        ids, truncated = self.tokenize(text)
-        if any(truncated):
-            log.debug("%d prompt(s) cut to %d tokens", sum(truncated), self.cfg.max_seq_len)
-        return self.embed_tokens(ids)
-
-    def encode(self, text: str | list[str] | torch.Tensor) -> torch.Tensor:
-        return self(text)

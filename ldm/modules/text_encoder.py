@@ -20,7 +20,6 @@ uses, with the same state-dict keys, so CompVis checkpoints load unchanged:
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -29,8 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.config import TextEncoderConfig
-
-log = logging.getLogger(__name__)
+from ldm.modules.text_conditioner import TextConditioner
 
 VOCAB_ENV = "LDM_BERT_VOCAB"
 DIM_HEAD = 64  # x-transformers DEFAULT_DIM_HEAD; CompVis never overrides it
@@ -246,18 +244,12 @@ class TextTransformer(nn.Module):
 
 # --- the conditioning model ----------------------------------------------------------------
 
-class BERTEmbedder(nn.Module):
-    """tau_theta: prompts -> (B, max_seq_len, n_embed) cross-attention context.
-
-    The tokenizer is loaded on first use of `forward`, so building the model, loading a
-    checkpoint or exporting `embed_tokens` does not need the vocabulary files.
-    """
+class BERTEmbedder(TextConditioner):
+    """tau_theta: prompts -> (B, max_seq_len, n_embed) cross-attention context (the tokenizer,
+    forward and encode: ldm/modules/text_conditioner.py)."""
 
     def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.use_tknz_fn = cfg.use_tokenizer
-        self._tokenizer: BERTTokenizer | None = None
+        super().__init__(cfg)
         self.transformer = TextTransformer(
             num_tokens=cfg.vocab_size,
             max_seq_len=cfg.max_seq_len,
@@ -266,23 +258,8 @@ class BERTEmbedder(nn.Module):
             emb_dropout=cfg.embedding_dropout,
         )
 
-    @property
-    def tknz_fn(self) -> BERTTokenizer:
-        """The tokenizer (CompVis attribute name), loaded once."""
-        if self._tokenizer is None:
-            tokenizer = load_bert_tokenizer(max_length=self.cfg.max_seq_len)
-            if tokenizer.vocab_size > self.cfg.vocab_size:
-                raise ValueError(
-                    f"tokenizer has {tokenizer.vocab_size} ids but the text encoder's "
-                    f"vocab_size is {self.cfg.vocab_size}"
-                )
-            self._tokenizer = tokenizer
-        return self._tokenizer
-
-    def tokenize(self, text: str | list[str]) -> tuple[torch.Tensor, list[bool]]:
-        """Texts -> (input_ids (B, max_seq_len) on this model's device, truncated flags)."""
-        ids, truncated = self.tknz_fn.tokenize(text)
-        return ids.to(self.transformer.token_emb.weight.device), truncated
+    def load_tokenizer(self) -> BERTTokenizer:
+        return load_bert_tokenizer(max_length=self.cfg.max_seq_len)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, max_seq_len) int64 -> context (B, max_seq_len, n_embed).
@@ -290,19 +267,3 @@ class BERTEmbedder(nn.Module):
         The exported `text_encoder` (ONNX): no Python-side tokenization in here.
         """
         return self.transformer(input_ids, return_embeddings=True)
-
-    def forward(self, text: str | list[str] | torch.Tensor) -> torch.Tensor:
-        """Prompts (or token ids when `use_tokenizer` is false) -> (B, max_seq_len, n_embed)."""
-        if self.use_tknz_fn:
-            if isinstance(text, torch.Tensor):
-                raise TypeError("BERTEmbedder with use_tokenizer=True takes strings, not ids")
-            ids, truncated = self.tokenize(text)
-            if any(truncated):
-                log.debug("%d prompt(s) cut to %d tokens", sum(truncated), self.cfg.max_seq_len)
-        else:
-            ids = text
-        return self.embed_tokens(ids)
-
-    def encode(self, text: str | list[str] | torch.Tensor) -> torch.Tensor:
-        """CompVis alias of `forward` (used by `get_learned_conditioning`)."""
-        return self(text)
