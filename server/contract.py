@@ -29,7 +29,6 @@ NETWORKS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # what the 
 PIPELINE_FILE = "pipeline.json"
 ALPHAS_FILE = "alphas_cumprod.npy"
 TOKENIZER_DIR = "tokenizer"
-OPENVINO_CACHE_DIR = ".openvino-cache"  # in the repository folder (server.networks)
 
 # Samplers the pipeline knows (ldm.samplers.SAMPLERS); kept here so parsing needs no torch.
 KNOWN_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "dpmpp_2m", "ddpm")
@@ -196,8 +195,7 @@ class ServingOptions(Parameters):
 
 
 def config_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
-    """A model config's parameters as Triton gives them in JSON (`{"parameters": {k:
-    {"string_value": v}}}`); an empty value comes back without `string_value`."""
+    """Parameters of a JSON model config (an empty value comes without `string_value`)."""
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
 
 
@@ -397,9 +395,9 @@ def _size(name: str, value: int | None, limits: Limits) -> int:
     return value
 
 
-__all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "INPUTS", "KNOWN_SAMPLERS", "MAX_SEED",
-           "NETWORKS", "NETWORK_MODES", "OUTPUTS", "PRECISIONS", "PIPELINE_FILE", "PIPELINE_MODELS",
+__all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "INPUTS", "KNOWN_SAMPLERS", "MAX_SEED", "NETWORKS",
+           "NETWORK_MODES", "OUTPUTS", "PRECISIONS", "PIPELINE_FILE", "PIPELINE_MODELS",
            "PREVIEW_MODES", "PROGRESS_OUTPUTS", "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS",
-           "TOKENIZER_DIR", "OPENVINO_CACHE_DIR", "GenerationRequest", "InvalidRequest", "Limits",
-           "NetworkTarget", "PipelineInfo", "ServingOptions", "check_parameters",
-           "config_parameters", "parse_request"]
+           "TOKENIZER_DIR", "GenerationRequest", "InvalidRequest", "Limits", "NetworkTarget",
+           "PipelineInfo", "ServingOptions", "check_parameters", "config_parameters",
+           "parse_request"]

@@ -18,13 +18,13 @@ import numpy as np
 from server.contract import (
     ALPHAS_FILE,
     NETWORKS,
-    OPENVINO_CACHE_DIR,
     TOKENIZER_DIR,
     PipelineInfo,
     ServingOptions,
 )
 
 NumpyFn = Callable[..., np.ndarray]
+OPENVINO_CACHE_DIR = ".openvino-cache"  # in the repository's folder: openvino_cache_dir
 
 
 def onnx_function(path: str | Path, inputs: list[str], output: str,
