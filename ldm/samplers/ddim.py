@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ldm.samplers.guidance import Callback, EpsFn
+from ldm.samplers.noise import noise_like
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
@@ -119,7 +120,7 @@ def sample_ddim(
         eps = eps_fn(x, t)
         noise = None
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = noise_like(x, generator)
         x, pred_x0 = ddim_update(x, eps, sched, index, noise)
         if callback is not None:
             callback(i, total, x, pred_x0)

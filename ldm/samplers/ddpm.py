@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ldm.samplers.guidance import Callback, EpsFn
+from ldm.samplers.noise import noise_like
 
 
 def ddpm_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
@@ -78,7 +79,7 @@ def sample_ddpm(
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         x = c0 * pred_x0 + ck * x
         if k > 0:
-            x = x + sig * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sig * noise_like(x, generator)
         if callback is not None:
             callback(i, total, x, pred_x0)
     return x
