@@ -4,29 +4,29 @@
   inputs and the response's outputs (the same tensor names everywhere);
 - `Limits` and `ServingOptions`: a pipeline model's `config.pbtxt` parameters (strings, as
   Triton keeps them), parsed and checked by pydantic;
-- `PipelineInfo`: the exported networks' facts the loop needs (`pipeline.json`);
+- `PipelineInfo`: the exported networks' facts the loop needs (`pipeline.json`; defined in
+  server/pipeline_info.py);
 - `GenerationRequest`: one text-to-image request, the one typed model that the gateway and
   the client build, that travels as Triton inputs (`to_inputs` / `from_inputs`) and that the
   edge that receives it checks against the served model's limits (`resolve`).
 """
 from __future__ import annotations
 
-import json
 import math
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from server.pipeline_info import PIPELINE_FILE, NetworkTarget, PipelineInfo
 
 # --- names ---------------------------------------------------------------------------------
 
 PIPELINE_MODELS: tuple[str, ...] = ("ldm_txt2img", "ldm_txt2img_stream")
 STREAMING: dict[str, bool] = {"ldm_txt2img": False, "ldm_txt2img_stream": True}
 NETWORKS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # what the loop calls
-PIPELINE_FILE = "pipeline.json"
 ALPHAS_FILE = "alphas_cumprod.npy"
 TOKENIZER_DIR = "tokenizer"
 
@@ -154,8 +154,10 @@ class Limits(Parameters):
 
 
 PREVIEW_MODES: tuple[str, ...] = ("none", "latent", "decoded")
-NETWORK_MODES: tuple[str, ...] = ("onnxruntime", "openvino", "bls")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
+NETWORK_MODES: tuple[str, ...] = ("onnxruntime", "openvino", "torch", "bls")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS_OF: dict[str, tuple[str, ...]] = {"openvino": ("fp32", "bf16", "auto"),
+                                              "torch": PRECISIONS}
 
 
 class ServingOptions(Parameters):
@@ -170,12 +172,17 @@ class ServingOptions(Parameters):
     # share one batch, so 8 fills the exported UNet's batch of 16.
     max_concurrent: int = Field(8, ge=1)
     # onnxruntime / openvino: the pipeline runs the repository's ONNX graphs itself (no IPC
-    # per step) on that runtime; bls: it calls the text_encoder/unet/vae_decoder models
-    # (TensorRT, or another host). Older repositories lack the parameter: written for BLS.
-    networks: Literal["onnxruntime", "openvino", "bls"] = "bls"
-    # Arithmetic of in-process OpenVINO networks: fp32, bf16 (CPUs with native bf16), or
-    # auto (bf16 where native). ONNX Runtime runs fp32 only.
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # per step) on that runtime; torch: the PyTorch modules (`pytorch/` weights) on `device`;
+    # bls: it calls the text_encoder/unet/vae_decoder models (TensorRT, or another host).
+    # Older repositories lack the parameter: written for BLS.
+    networks: Literal["onnxruntime", "openvino", "torch", "bls"] = "bls"
+    # Arithmetic of the text encoder and UNet in process: fp32; bf16 (OpenVINO on CPUs with
+    # native bf16, or torch); fp16 (torch); auto: OpenVINO bf16 where native, torch fp16 on
+    # a GPU, else fp32. ONNX Runtime runs fp32 only; the VAE decoder always runs fp32.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    # Where the loop's tensors live (and torch networks run): cpu, cuda, cuda:N, or auto
+    # (the Triton instance's GPU, else cuda when there is one, else cpu).
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
     openvino_cache: str = ""  # compiled-model cache folder; "": the repository's own
     intra_op_threads: int = Field(0, ge=0)  # ONNX Runtime threads in process; 0: all cores
     batch_wait_ms: int = Field(10, ge=0)  # longest a network call waits for other requests'
@@ -187,10 +194,11 @@ class ServingOptions(Parameters):
     vae_max_batch: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _precision_needs_openvino(self) -> ServingOptions:
-        if self.precision != "fp32" and self.networks != "openvino":
-            raise ValueError(f"precision {self.precision} needs networks=openvino (networks "
-                             f"{self.networks} runs fp32)")
+    def _precision_of_networks(self) -> ServingOptions:
+        allowed = PRECISIONS_OF.get(self.networks, ("fp32",))
+        if self.precision not in allowed:
+            raise ValueError(f"precision {self.precision} is not one networks={self.networks} "
+                             f"runs (it runs {', '.join(allowed)})")
         return self
 
 
@@ -205,51 +213,6 @@ def check_parameters(params: Mapping[str, str]) -> None:
     unknown = sorted(set(params) - known - set(BACKEND_PARAMETERS))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown}; allowed: {sorted(known)}")
-
-
-# --- pipeline.json -------------------------------------------------------------------------
-
-class NetworkTarget(BaseModel):
-    """One network the loop calls, as export/specs.py exported it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str  # its Triton model name
-    inputs: list[str]  # tensor names, in call order
-    output: str
-    # Inputs a batched model declares as `dims: [1] reshape: { shape: [] }`
-    # (export/triton_config.py): sent through BLS as (B, 1), not (B,).
-    unsqueeze: list[str] = []
-    onnx: str | None = None  # the graph's path from the repository root (None: engines only)
-    max_batch: int = Field(16, ge=1)  # the largest batch the graph takes
-
-
-class PipelineInfo(BaseModel):
-    """Facts about the exported model that the loop needs (pipeline.json in the model folder)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    latent_channels: int
-    downsample_factor: int  # image pixels per latent pixel (the VAE's f)
-    parameterization: Literal["eps", "x0"]  # what the UNet predicts
-    max_seq_len: int  # tokens per prompt
-    scale_factor: float  # informational: the VAE graphs apply it themselves
-    text_encoder: NetworkTarget = NetworkTarget(model="text_encoder", inputs=["input_ids"],
-                                                output="context")
-    unet: NetworkTarget = NetworkTarget(model="unet", inputs=["latent", "timestep", "context"],
-                                        output="noise_pred", unsqueeze=["timestep"])
-    vae_decoder: NetworkTarget = NetworkTarget(model="vae_decoder", inputs=["latent"],
-                                               output="image")
-
-    def target(self, network: str) -> NetworkTarget:
-        return getattr(self, network)
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / PIPELINE_FILE).write_text(self.model_dump_json(indent=1) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> PipelineInfo:
-        return cls.model_validate(json.loads((Path(folder) / PIPELINE_FILE).read_text()))
 
 
 # --- the request ---------------------------------------------------------------------------
