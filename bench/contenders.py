@@ -90,7 +90,7 @@ class LocalService:
 
         self.service = local_service(repository, ServingOptions(
             networks=networks, precision=precision, preview="none"), threads)
-        self.unet_step = self.service.unet_fn  # (x, t, c) -> noise_pred: the step contender
+        self.unet_step = self.service.unet_fn  # (x, t, c) tensors -> noise_pred: the step
         self.steps, self.guidance_scale, self.image_size = steps, guidance_scale, image_size
 
     def __call__(self, prompt: str, seed: int) -> np.ndarray:
@@ -138,7 +138,6 @@ def step_functions(model, twin, local: dict[str, object],
     """name -> a no-argument call of that runtime's UNet on the same inputs (`local`: the
     LocalService contenders by name; the others are ignored)."""
     x, t, c = step_inputs(cfg)
-    xn, tn, cn = x.numpy(), t.numpy(), c.numpy()
     unet = model.model.diffusion_model
 
     @torch.no_grad()
@@ -152,5 +151,5 @@ def step_functions(model, twin, local: dict[str, object],
     steps = {"pytorch_eager": ours, "diffusers": diffusers}
     for name, service in local.items():
         if isinstance(service, LocalService):
-            steps[name] = lambda s=service: s.unet_step(xn, tn, cn)
+            steps[name] = lambda s=service: s.unet_step(x, t, c)
     return steps

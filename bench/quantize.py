@@ -132,16 +132,16 @@ def measure_variant(served: Served, unet_path: Path, repetitions: int,
     """UNet ms per call at batch 2 and 16, and the images of n_images guided requests."""
     from export.ort import make_session
     from server.contract import ALPHAS_FILE, GenerationRequest, ServingOptions
-    from server.networks import onnx_function
+    from server.networks import host_function, onnx_function
     from server.txt2img import Txt2ImgService
 
     info, threads, size = served.info, served.threads, served.size
     session = make_session(unet_path, threads)
     ms = [step_ms(session, b, served.latent, served.context, repetitions) for b in (2, 16)]
     unet = onnx_function(unet_path, info.unet.inputs, info.unet.output, threads)
+    encode, decode = (host_function(served.nets[n]) for n in ("text_encoder", "vae_decoder"))
     service = Txt2ImgService(info, np.load(served.version / ALPHAS_FILE), served.tokenizer,
-                             served.nets["text_encoder"], unet, served.nets["vae_decoder"],
-                             ServingOptions(preview="none"))
+                             encode, host_function(unet), decode, ServingOptions(preview="none"))
     # Every field set, as the service needs (the served defaults: no negative prompt, DDIM).
     images = np.concatenate([service.generate(GenerationRequest(
         prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="", steps=25, guidance_scale=5.0,

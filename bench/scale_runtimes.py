@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.repositories import RUNTIMES
 from bench.run import psnr
@@ -87,9 +88,10 @@ def stage_local(args) -> dict:
     load_s = time.perf_counter() - t0
     info, rng = service.info, np.random.default_rng(0)
     h, (seq, dim) = args.size // 8, _context_shape(service.encode_fn, info)
-    feeds = (rng.standard_normal((2, info.latent_channels, h, h), dtype=np.float32),
-             np.array([500, 500], dtype=np.int64),
-             rng.standard_normal((2, seq, dim), dtype=np.float32))
+    feeds = (torch.from_numpy(rng.standard_normal((2, info.latent_channels, h, h),
+                                                  dtype=np.float32)),
+             torch.tensor([500, 500], dtype=torch.int64),
+             torch.from_numpy(rng.standard_normal((2, seq, dim), dtype=np.float32)))
     step = _median_s(lambda: service.unet_fn(*feeds))
     t0 = time.perf_counter()
     image = service.generate(_request(args)).images
@@ -98,7 +100,7 @@ def stage_local(args) -> dict:
 
 
 def _context_shape(encode, info) -> tuple[int, int]:
-    return encode(np.zeros((1, info.max_seq_len), np.int64)).shape[1:]
+    return tuple(encode(torch.zeros((1, info.max_seq_len), dtype=torch.int64)).shape[1:])
 
 
 def stage_served(args) -> dict:

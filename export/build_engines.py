@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--openvino-parity", default="",
                    help="comma-separated precisions to check the served graphs at on OpenVINO "
                         "(for a pipeline that runs them there)")
+    p.add_argument("--torch-weights", action="store_true",
+                   help="also write the networks' PyTorch weights (pytorch/), for a pipeline "
+                        "that runs the modules themselves (--networks torch)")
     p.add_argument("--work-dir", type=Path, default=Path("build/export"),
                    help="cache of ONNX files and engines")
     p.add_argument("--force", action="store_true", help="rebuild everything")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             models=args.models,
             limits=ShapeLimits(args.max_batch, args.min_latent, args.max_latent),
             opset=args.opset, use_ema=not args.no_ema, ort_level=args.ort_level,
-            parity_tol=args.parity_tol, openvino_parity=args.openvino_parity)
+            parity_tol=args.parity_tol, openvino_parity=args.openvino_parity,
+            torch_weights=args.torch_weights)
         report = build_repository(args.checkpoint, args.out, options, args.compvis_config,
                                   args.unsafe_allow_pickle, args.work_dir, args.force,
                                   progress=not args.quiet, replace=args.replace,

@@ -14,6 +14,9 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+# Folder of the networks' PyTorch weights in a repository built with torch_weights (our
+# checkpoint format: config.yaml + model.safetensors), for `networks: torch` pipelines.
+TORCH_WEIGHTS = "pytorch"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

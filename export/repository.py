@@ -46,6 +46,7 @@ from export.manifest import (
     MANIFEST,
     MANIFEST_FORMAT,
     PROJECT_ROOT,
+    TORCH_WEIGHTS,
     check_out_dir,
     check_same_checkpoint,
     checkpoint_digest,
@@ -166,6 +167,8 @@ def _write_repository(build: Builder, keys: _Keys, served: dict[str, Path],
         (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(model_config_dict(model),
                                                        sort_keys=False))
         np.save(tmp / SCHEDULE, model.alphas_cumprod.detach().float().numpy())
+        if options.torch_weights:
+            write_torch_weights(build.fresh_model(), tmp / TORCH_WEIGHTS)
         weights = {p.get("weights", "unknown") for p in report.parity.values()}
         report.weights = weights.pop() if len(weights) == 1 else "mixed: " + str(sorted(weights))
         manifest = {
@@ -181,6 +184,27 @@ def _write_repository(build: Builder, keys: _Keys, served: dict[str, Path],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     report.rebuilt.append(f"repository {out} ({options.triton.backend})")
+
+
+def write_torch_weights(model, folder: Path) -> None:
+    """The served weights as one of our checkpoint folders (ldm.pretrained.load_pretrained
+    reads it): the UNet's EMA weights in place of its training ones (use_ema_weights), the
+    EMA copy itself left out, written from the memory-mapped checkpoint without a copy."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    config = model_config_dict(model)
+    config["config"]["diffusion"]["use_ema"] = False
+    state, storages = {}, set()
+    for key, value in model.state_dict().items():
+        if key.startswith("model_ema."):
+            continue
+        value = value.detach().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        state[key] = value.clone() if storage in storages else value  # safetensors: no sharing
+        storages.add(storage)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _resolve_backend(options: BuildOptions) -> tuple[BuildOptions, str | None]:

@@ -47,6 +47,9 @@ class BuildOptions:
     # OpenVINO precisions ("fp32", "bf16", "auto") the served graphs are checked at, for a
     # pipeline that runs them on OpenVINO in process (`--networks openvino`).
     openvino_parity: tuple[str, ...] = ()
+    # Also write the networks' PyTorch weights (`pytorch/`, our checkpoint format, EMA
+    # applied), for a pipeline that runs the modules themselves (`--networks torch`).
+    torch_weights: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]

@@ -31,10 +31,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-NumpyFn = Callable[..., np.ndarray]
+# The networks' functions: numpy arrays in and out (ONNX Runtime, OpenVINO, BLS), or torch
+# tensors on the pipeline's device (server/txt2img.py), batched on axis 0 either way.
+Batch = Any  # np.ndarray | torch.Tensor
+NumpyFn = Callable[..., Batch]
 
 # What the pipeline models publish of `on_run` on Triton's /metrics (server/bls.py), as
 # counters labelled {model, network}: name -> description.
@@ -68,14 +72,15 @@ class _Call:
     name: str
     fn: NumpyFn
     max_batch: int
-    arrays: tuple[np.ndarray, ...]
-    result: np.ndarray | None = None
+    arrays: tuple[Batch, ...]
+    result: Batch | None = None
     error: BaseException | None = None
     done: bool = False
 
     @property
     def key(self) -> tuple:
-        return (id(self.fn), tuple((a.shape[1:], a.dtype.str) for a in self.arrays))
+        return (id(self.fn), tuple((tuple(a.shape[1:]), str(a.dtype), _device(a))
+                                   for a in self.arrays))
 
     @property
     def size(self) -> int:
@@ -100,7 +105,7 @@ class BatchStats:
 
 
 class CallBatcher:
-    """Merges calls of batched numpy functions made from several threads (module docstring)."""
+    """Merges calls of batched network functions made from several threads (module docstring)."""
 
     def __init__(self, max_wait_s: float = 0.01,
                  on_run: Callable[[str, list[int], int, float], object] | None = None):
@@ -134,13 +139,13 @@ class CallBatcher:
         name = name or getattr(fn, "__name__", "fn")
         self.stats.setdefault(name, BatchStats())
 
-        def call(*arrays: np.ndarray) -> np.ndarray:
-            return self._submit(_Call(name, fn, max_batch,
-                                      tuple(np.asarray(a) for a in arrays)))
+        def call(*arrays: Batch) -> Batch:
+            return self._submit(_Call(name, fn, max_batch, tuple(
+                a if hasattr(a, "shape") else np.asarray(a) for a in arrays)))
 
         return call
 
-    def _submit(self, call: _Call) -> np.ndarray:
+    def _submit(self, call: _Call) -> Batch:
         deadline = time.monotonic() + self.max_wait_s
         with self._cond:
             self._pending.append(call)
@@ -200,11 +205,12 @@ def _run_group(calls: list[_Call]) -> list[int]:
         _run_one(calls[0])
         return [calls[0].size]
     try:
-        merged = [np.concatenate(parts) for parts in zip(*(c.arrays for c in calls), strict=True)]
-        out = np.asarray(fn(*merged))
-        bounds = np.cumsum([c.size for c in calls])[:-1]
-        for c, part in zip(calls, np.split(out, bounds), strict=True):
-            c.result = part
+        merged = [_concat(parts) for parts in zip(*(c.arrays for c in calls), strict=True)]
+        out = fn(*merged)
+        start = 0
+        for c in calls:
+            c.result = out[start:start + c.size]
+            start += c.size
         return [sum(c.size for c in calls)]
     except Exception:  # noqa: BLE001 - find the call that fails, and fail only that one
         for c in calls:
@@ -216,10 +222,23 @@ def _run_one(call: _Call) -> None:
     step = call.max_batch
     try:
         if call.size <= step:
-            call.result = np.asarray(call.fn(*call.arrays))
+            call.result = call.fn(*call.arrays)
         else:
-            call.result = np.concatenate([np.asarray(call.fn(*(a[i:i + step]
-                                                               for a in call.arrays)))
-                                          for i in range(0, call.size, step)])
+            call.result = _concat([call.fn(*(a[i:i + step] for a in call.arrays))
+                                   for i in range(0, call.size, step)])
     except Exception as e:  # noqa: BLE001 - re-raised in the calling thread
         call.error = e
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    """Parts joined on axis 0: numpy arrays, or torch tensors (on their device)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch  # only tensor networks get here, and they have it
+
+    return torch.cat(parts)
+
+
+def _device(a: Batch) -> str:
+    """Where a batch lives: calls on different devices never merge."""
+    return str(getattr(a, "device", "cpu"))

@@ -27,34 +27,54 @@ from server.contract import (
     check_parameters,
     config_parameters,
 )
-from server.networks import served_loop
+from server.networks import loop_device, served_loop
 from server.txt2img import Cancelled, Progress, Result, Txt2ImgService
 
 log = logging.getLogger(__name__)
 
-def to_numpy(tensor) -> np.ndarray:
-    """A pb_utils.Tensor as a host array (BLS outputs of GPU models may live on the GPU)."""
+def to_torch(tensor) -> torch.Tensor:
+    """A pb_utils.Tensor as a torch tensor where it lives: host memory as a CPU tensor, GPU
+    memory left on its GPU (DLPack, no copy)."""
     if tensor.is_cpu():
-        return tensor.as_numpy()
-    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+        return torch.from_numpy(tensor.as_numpy())
+    return torch.from_dlpack(tensor.to_dlpack())
 
 
-def bls_function(target: NetworkTarget) -> Callable[..., np.ndarray]:
-    """A numpy function calling model `target.model` through BLS."""
+def from_torch(name: str, t: torch.Tensor):
+    """A torch tensor as a pb_utils.Tensor: GPU tensors by DLPack (they stay on the GPU)."""
+    if t.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(t.contiguous()))
+    return pb_utils.Tensor(name, np.ascontiguousarray(t.numpy()))
+
+
+def bls_function(target: NetworkTarget, device: torch.device) -> Callable[..., torch.Tensor]:
+    """A tensor function calling model `target.model` through BLS. Its outputs are asked for
+    in `device`'s memory: on a GPU loop the latents never leave the GPU, and a CPU loop needs
+    no CUDA context to read GPU models' outputs."""
     model, names, output = target.model, target.inputs, target.output
     unsqueeze = set(target.unsqueeze)
+    memory = _preferred_memory(device)
 
-    def call(*arrays: np.ndarray) -> np.ndarray:
-        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a[..., None] if name in unsqueeze
-                                                               else a))
-                   for name, a in zip(names, arrays, strict=True)]
+    def call(*tensors: torch.Tensor) -> torch.Tensor:
+        inputs = [from_torch(name, t.unsqueeze(-1) if name in unsqueeze else t)
+                  for name, t in zip(names, tensors, strict=True)]
+        extra = {} if memory is None else {"preferred_memory": memory}
         response = pb_utils.InferenceRequest(
-            model_name=model, requested_output_names=[output], inputs=tensors).exec()
+            model_name=model, requested_output_names=[output], inputs=inputs, **extra).exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
-        return to_numpy(pb_utils.get_output_tensor_by_name(response, output))
+        return to_torch(pb_utils.get_output_tensor_by_name(response, output)).to(device)
 
     return call
+
+
+def _preferred_memory(device: torch.device):
+    """pb_utils.PreferredMemory for outputs on `device` (None on Python backends without it)."""
+    if not hasattr(pb_utils, "PreferredMemory"):
+        return None
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
 
 def network_metrics(model: str) -> Callable[[str, list[int], int, float], None] | None:
@@ -94,6 +114,7 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
     options = ServingOptions.from_parameters(params)
     torch.set_num_threads(options.torch_threads)
     folder = Path(args["model_repository"]) / args["model_version"]
+    device = loop_device(options, _instance_gpu(args))
     batcher = None
     if options.networks != "bls":
         # Imported here: with BLS (TensorRT) the stub needs no ONNX Runtime.
@@ -104,16 +125,24 @@ def load_service(args: dict) -> tuple[Txt2ImgService, Limits, ServingOptions]:
         repository = Path(args["model_repository"]).parent
 
         def networks(info: PipelineInfo) -> dict:
-            return local_networks(repository, info, options, threads)
+            return local_networks(repository, info, options, threads, device)
 
         batcher = CallBatcher(options.batch_wait_ms / 1000,
                               on_run=network_metrics(config.get("name", "")))
     else:
         def networks(info: PipelineInfo) -> dict:
-            return {name: bls_function(info.target(name)) for name in NETWORKS}
-    service = served_loop(folder, networks, options, batcher)
-    log.info("%s ready: networks %s, limits %s", config.get("name"), options.networks, limits)
+            return {name: bls_function(info.target(name), device) for name in NETWORKS}
+    service = served_loop(folder, networks, options, batcher, device)
+    log.info("%s ready: networks %s on %s, limits %s", config.get("name"), options.networks,
+             device, limits)
     return service, limits, options
+
+
+def _instance_gpu(args: dict) -> int | None:
+    """The GPU of a KIND_GPU instance (None for CPU instances)."""
+    if args.get("model_instance_kind") != "GPU":
+        return None
+    return int(args.get("model_instance_device_id", 0))
 
 
 def read_inputs(request) -> dict[str, np.ndarray]:

@@ -4,10 +4,11 @@
 
 Runs export/build_engines.py (same arguments: the networks, checked and cached), then adds
 the pipeline models on top (`server.repository.assemble`). Two arguments of its own choose
-how the pipeline runs the networks: `--networks onnxruntime|openvino|bls` (default: in
-process on OpenVINO for the python backend, else BLS) and `--precision fp32|bf16|auto`
-(OpenVINO's arithmetic; default auto: bf16 where the CPU has it). The graphs are checked
-against PyTorch on the runtime and precision that will run them. The launcher runs this in a
+how the pipeline runs the networks: `--networks onnxruntime|openvino|torch|bls` (default: in
+process on OpenVINO for the python backend, else BLS) and `--precision fp32|bf16|fp16|auto`
+(default auto: OpenVINO bf16 where the CPU has it, torch fp16 on a GPU). The graphs are
+checked against PyTorch on the runtime and precision that will run them; `torch` writes the
+networks' PyTorch weights too (`pytorch/`). The launcher runs this in a
 child process, so the export's peak memory is returned to the system before Triton loads.
 """
 from __future__ import annotations
@@ -26,10 +27,7 @@ def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     p = argparse.ArgumentParser(prog="python -m server.build", add_help=False)
     p.add_argument("--networks", choices=NETWORK_MODES, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
-    own, rest = p.parse_known_args(argv)
-    if own.precision not in (None, "fp32") and own.networks not in (None, "openvino"):
-        p.error(f"--precision {own.precision} needs --networks openvino")
-    return own, rest
+    return p.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if serving["networks"] == "openvino":  # check the graphs on the runtime that will run them
         rest = [*rest, "--openvino-parity", serving["precision"]]
+    if serving["networks"] == "torch":  # the modules need their weights beside the graphs
+        rest = [*rest, "--torch-weights"]
     code = build_engines.main(rest)
     if code != 0:
         return code

@@ -1,12 +1,16 @@
-"""The pipeline's networks as numpy functions on ONNX Runtime or OpenVINO in this process.
+"""The pipeline's networks in this process: ONNX Runtime, OpenVINO or PyTorch.
 
 With `networks: onnxruntime` or `networks: openvino` (ServingOptions) the pipeline model
 opens the repository's own ONNX graphs, the same files the `text_encoder`, `unet` and
 `vae_decoder` models serve, and calls them directly (OpenVINO compiles them, at fp32 or
 bf16, into a cache that a restart reuses): no BLS round trip through the Triton core per
-sampler step (measured: 3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). The
+sampler step (measured: 3.6 ms of a 10 ms step on the demo model, bench/RESULTS.md). With
+`networks: torch` it runs the PyTorch modules on `device` (server/torch_networks.py). The
 weights are then resident in this process only: `python -m server` does not load the
 component models (their own copy) unless asked to.
+
+The loop (server/txt2img.py) calls tensor functions; the numpy functions of ONNX Runtime and
+OpenVINO are wrapped by `host_function`, which runs on the CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from server.contract import (
     ALPHAS_FILE,
@@ -24,6 +29,7 @@ from server.contract import (
 )
 
 NumpyFn = Callable[..., np.ndarray]
+TensorFn = Callable[..., torch.Tensor]
 OPENVINO_CACHE_DIR = ".openvino-cache"  # in the repository's folder: openvino_cache_dir
 
 
@@ -63,21 +69,42 @@ def openvino_networks(repository: str | Path, info: PipelineInfo, threads: int |
             for name, (path, io) in _graphs(repository, info).items()}
 
 
+def host_function(fn: NumpyFn) -> TensorFn:
+    """A numpy network as a tensor function on the CPU: tensors in, a tensor out."""
+    def call(*tensors: torch.Tensor) -> torch.Tensor:
+        out = fn(*(np.ascontiguousarray(t.cpu().numpy()) for t in tensors))
+        return torch.from_numpy(np.asarray(out))
+
+    return call
+
+
 def local_networks(repository: str | Path, info: PipelineInfo, options: ServingOptions,
-                   threads: int | None = None) -> dict[str, NumpyFn]:
-    """The networks `options.networks` (onnxruntime or openvino) runs in this process."""
+                   threads: int | None = None,
+                   device: torch.device | None = None) -> dict[str, TensorFn]:
+    """The networks `options.networks` (onnxruntime, openvino or torch) runs in this process,
+    as tensor functions; torch ones on `device` (the CPU if None)."""
+    if options.networks == "torch":
+        from server.torch_networks import torch_networks
+
+        device = device or torch.device("cpu")
+        if device.type == "cpu" and threads:
+            torch.set_num_threads(threads)  # the networks' threads, as ONNX Runtime's
+        return torch_networks(repository, options.precision, device)
     if options.networks == "onnxruntime":
-        return onnx_networks(repository, info, threads)
-    if options.networks == "openvino":
-        return openvino_networks(repository, info, threads, options.precision,
-                                 openvino_cache_dir(options, repository))
-    raise ValueError(f"networks {options.networks!r} are not run in process")
+        fns = onnx_networks(repository, info, threads)
+    elif options.networks == "openvino":
+        fns = openvino_networks(repository, info, threads, options.precision,
+                                openvino_cache_dir(options, repository))
+    else:
+        raise ValueError(f"networks {options.networks!r} are not run in process")
+    return {name: host_function(fn) for name, fn in fns.items()}
 
 
-def served_loop(folder: str | Path, networks: Callable[[PipelineInfo], dict[str, NumpyFn]],
-                options: ServingOptions, batcher=None):
+def served_loop(folder: str | Path, networks: Callable[[PipelineInfo], dict[str, TensorFn]],
+                options: ServingOptions, batcher=None, device: torch.device | None = None):
     """server.txt2img.Txt2ImgService from a pipeline model's version `folder` (pipeline.json,
-    tokenizer, abar_t) and `networks(info)`, the numpy functions of its three networks."""
+    tokenizer, abar_t) and `networks(info)`, the tensor functions of its three networks on
+    `device` (the CPU if None)."""
     from ldm.modules.conditioning import open_tokenizer
     from server.txt2img import Txt2ImgService
 
@@ -86,16 +113,28 @@ def served_loop(folder: str | Path, networks: Callable[[PipelineInfo], dict[str,
     fns = networks(info)
     tokenizer = open_tokenizer(folder / TOKENIZER_DIR, info.max_seq_len)
     return Txt2ImgService(info, np.load(folder / ALPHAS_FILE), tokenizer, fns["text_encoder"],
-                          fns["unet"], fns["vae_decoder"], options, batcher)
+                          fns["unet"], fns["vae_decoder"], options, batcher,
+                          device or torch.device("cpu"))
 
 
 def local_service(repository: str | Path, options: ServingOptions, threads: int | None = None,
                   batcher=None):
     """What the served streaming model runs, with the networks `options.networks` runs in
     this process: for benchmarks and checks outside Triton."""
+    device = loop_device(options)
     return served_loop(Path(repository) / "ldm_txt2img_stream" / "1",
-                       lambda info: local_networks(repository, info, options, threads),
-                       options, batcher)
+                       lambda info: local_networks(repository, info, options, threads, device),
+                       options, batcher, device)
+
+
+def loop_device(options: ServingOptions, instance_gpu: int | None = None) -> torch.device:
+    """Where the loop runs: `options.device`, except that ONNX Runtime and OpenVINO networks
+    run on the host, and so does their loop."""
+    from server.torch_networks import resolve_device
+
+    if options.networks in ("onnxruntime", "openvino"):
+        return torch.device("cpu")
+    return resolve_device(options.device, instance_gpu)
 
 
 def openvino_cache_dir(options: ServingOptions, repository: str | Path) -> Path:

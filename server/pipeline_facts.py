@@ -32,8 +32,12 @@ def default_networks(backend: str, chosen: Mapping[str, Any] | None = None) -> d
     the python backend runs them in process on OpenVINO at bf16 where the CPU has it, else
     fp32 (issue 13: on the demo model bf16 keeps the judged accuracy within a point of fp32,
     bench/RESULTS.md); other backends through Triton's own models (BLS), which is how
-    TensorRT engines are served. The precision default goes with OpenVINO only."""
+    TensorRT engines are served. `networks: torch` runs on the GPU where there is one."""
     networks = (chosen or {}).get("networks") or ("openvino" if backend == "python" else "bls")
+    if networks == "torch":  # fp16 on a GPU, fp32 on the CPU; the loop where the GPU is
+        return {"networks": networks, "precision": "auto", "device": "auto"}
+    if networks == "bls" and backend == "tensorrt":  # keep the loop beside the engines
+        return {"networks": networks, "device": "auto"}
     if networks != "openvino":
         return {"networks": networks}
     return {"networks": networks, "precision": "auto" if backend == "python" else "fp32"}

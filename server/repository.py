@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from export.cache import make_temp_dir
-from export.manifest import read_manifest
+from export.manifest import TORCH_WEIGHTS, read_manifest
 from export.triton_config import base_config, config_text, tensor_config
 from server.contract import (
     ALPHAS_FILE,
@@ -167,9 +167,13 @@ def _serving_options(built: Built, overrides: dict[str, Any]) -> ServingOptions:
     defaults = {**default_networks(built.backend, overrides),
                 **large_model_caps(built.network_bytes("unet"), latent)}
     serving = ServingOptions(**{**defaults, **overrides})
-    if serving.networks != "bls" and built.backend == "tensorrt":
+    if serving.networks in ("onnxruntime", "openvino") and built.backend == "tensorrt":
         raise ValueError(f"networks={serving.networks} needs ONNX files; a TensorRT repository "
-                         "has engines only: use networks=bls")
+                         "has engines only: use networks=bls or torch")
+    if serving.networks == "torch" and not (built.repo / TORCH_WEIGHTS / "config.yaml").is_file():
+        raise ValueError(f"networks=torch needs the networks' PyTorch weights in "
+                         f"{built.repo / TORCH_WEIGHTS}: build with --torch-weights "
+                         "(python -m server.build --networks torch writes them)")
     return serving
 
 

@@ -1,20 +1,24 @@
-"""The served text-to-image loop, with the three networks behind plain numpy functions.
+"""The served text-to-image loop, with the three networks behind torch functions on one device.
 
 The Triton pipeline models (`ldm_txt2img`, `ldm_txt2img_stream`) plug the `text_encoder`,
-`unet` and `vae_decoder` networks into `Txt2ImgService`: either ONNX Runtime sessions on the
-repository's ONNX files inside the pipeline's own process (`networks: onnxruntime`, the CPU
-default: no IPC per step), or BLS calls to those Triton models (`networks: bls`, for TensorRT
-engines); tests plug in the PyTorch modules. Concurrent requests run in threads; with
-in-process networks a `server.batching.CallBatcher` merges their network calls, as Triton's
-dynamic batcher merges BLS calls. Everything else happens here and matches
+`unet` and `vae_decoder` networks into `Txt2ImgService` as functions of torch tensors on the
+service's `device` (server/networks.py makes them): the PyTorch modules themselves
+(`networks: torch`, on a GPU or the CPU), ONNX Runtime or OpenVINO on the repository's ONNX
+files inside the pipeline's own process (host functions: no IPC per step), or BLS calls to
+those Triton models (`networks: bls`, TensorRT engines; GPU tensors go through DLPack). On
+a GPU the latents, the context and abar_t stay on the device for the whole loop: only the
+prompt's token ids go in and the uint8 images come out. Concurrent requests run in threads;
+with in-process networks a `server.batching.CallBatcher` merges their network calls, as
+Triton's dynamic batcher merges BLS calls. Everything else happens here and matches
 `ldm.pipeline.Txt2ImgPipeline` step for step, so a seed gives the same image in process and
 through Triton:
 
 1. tokenize (BERT or CLIP, 77 tokens; truncation is reported) and encode the prompt, and the
    negative prompt when guidance is on (both cached by text: the empty negative prompt is
    computed once);
-2. x_T = `ldm.pipeline.initial_noise(seed, (N, C, h, w))`, sampler noise from a generator
-   seeded with seed + 1;
+2. x_T = `ldm.pipeline.initial_noise(seed, (N, C, h, w))` and sampler noise from a CPU
+   generator seeded with seed + 1, moved to the device: a seed gives the same image on
+   every device;
 3. run the sampler over `cfg_denoiser(unet_fn, ...)`: one UNet call per step on the batch
    [uncond x N, cond x N];
 4. decode and convert to (N, H, W, 3) uint8.
@@ -41,11 +45,11 @@ from server.contract import GenerationRequest, PipelineInfo, ServingOptions
 
 log = logging.getLogger(__name__)
 
-# The networks, as numpy functions (shapes as in export/specs.py):
-EncodeFn = Callable[[np.ndarray], np.ndarray]  # input_ids (B, L) int64 -> context (B, L, D) f32
+# The networks, as functions of tensors on the service's device (shapes as in export/specs.py):
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids (B, L) int64 -> context (B, L, D)
 # latent (B, C, h, w) f32, timestep (B,) int64, context (B, L, D) f32 -> noise_pred (B, C, h, w)
-UNetNumpyFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-DecodeFn = Callable[[np.ndarray], np.ndarray]  # latent (B, C, h, w) -> image (B, 3, H, W) [-1, 1]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # latent (B, C, h, w) -> image (B, 3, H, W)
 
 class Cancelled(Exception):
     """The client went away; the loop stopped early."""
@@ -119,12 +123,13 @@ class Txt2ImgService:
     """
 
     def __init__(self, info: PipelineInfo, alphas_cumprod: np.ndarray, tokenizer,
-                 encode_fn: EncodeFn, unet_fn: UNetNumpyFn, decode_fn: DecodeFn,
+                 encode_fn: EncodeFn, unet_fn: UNetFn, decode_fn: DecodeFn,
                  options: ServingOptions | None = None,
-                 batcher: CallBatcher | None = None):
+                 batcher: CallBatcher | None = None, device: str | torch.device = "cpu"):
         options = options or ServingOptions()
         self.info = info
-        self.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod))
+        self.device = torch.device(device)
+        self.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod)).to(self.device)
         self.tokenizer = tokenizer
         # With a batcher, the calls of concurrent generate() threads are merged (each network
         # up to the batch its graph takes); without one, each call runs as made.
@@ -145,8 +150,8 @@ class Txt2ImgService:
     def _embed_uncached(self, text: str) -> tuple[torch.Tensor, bool]:
         with self._tokenizer_lock:
             ids, truncated = self.tokenizer.tokenize([text])
-        context = self.encode_fn(np.ascontiguousarray(ids.numpy().astype(np.int64)))
-        return torch.from_numpy(np.array(context, dtype=np.float32)), bool(truncated[0])
+        context = self.encode_fn(ids.to(self.device, torch.int64))
+        return context.float(), bool(truncated[0])
 
     def embed(self, text: str) -> tuple[torch.Tensor, bool]:
         """(context (1, L, D), truncated) of `text`, from the cache when seen recently."""
@@ -157,10 +162,7 @@ class Txt2ImgService:
             if is_cancelled is not None and is_cancelled():
                 raise Cancelled("request cancelled")
             counter[0] += 1
-            out = self.unet_fn(np.ascontiguousarray(x.numpy(), dtype=np.float32),
-                               np.ascontiguousarray(t.numpy(), dtype=np.int64),
-                               np.ascontiguousarray(c.numpy(), dtype=np.float32))
-            return torch.from_numpy(np.asarray(out, dtype=np.float32))
+            return self.unet_fn(x, t.to(torch.int64), c).float()
         return unet
 
     def generate(self, req: GenerationRequest,
@@ -192,7 +194,7 @@ class Txt2ImgService:
                 warnings.append(f"negative_prompt truncated to {info.max_seq_len} tokens")
 
         shape = (req.num_images, info.latent_channels, req.height // f, req.width // f)
-        x_T = initial_noise(req.seed, shape)
+        x_T = initial_noise(req.seed, shape).to(self.device)
         unet_calls = [0]
         eps_fn = cfg_denoiser(self._torch_unet(is_cancelled, unet_calls), cond, uncond,
                               req.guidance_scale, info.parameterization, self.alphas_cumprod)
@@ -214,13 +216,16 @@ class Txt2ImgService:
                                          generator=generator, callback=callback)
             if is_cancelled is not None and is_cancelled():
                 raise Cancelled("request cancelled")
-            images = self.decode_fn(np.ascontiguousarray(z.numpy(), dtype=np.float32))
+            images = self.decode_fn(z)
         log.debug("request done: %d steps, %d UNet calls", steps_run[0], unet_calls[0])
-        return Result(latents_to_uint8(torch.from_numpy(np.asarray(images))), req.seed,
-                      warnings, steps_run[0])
+        bad = int((~torch.isfinite(images)).sum())
+        if bad:  # a reduced-precision overflow: NaN turns black in uint8, so say it
+            log.warning("%d non-finite values in the decoded images", bad)
+            warnings.append(f"{bad} non-finite values in the decoded images (numeric overflow "
+                            "in the networks); the image is not trustworthy")
+        return Result(latents_to_uint8(images), req.seed, warnings, steps_run[0])
 
     def preview(self, pred_x0: torch.Tensor) -> np.ndarray:
         if self.options.preview == "decoded":
-            image = self.decode_fn(np.ascontiguousarray(pred_x0.numpy(), dtype=np.float32))
-            return latents_to_uint8(torch.from_numpy(np.asarray(image)))
+            return latents_to_uint8(self.decode_fn(pred_x0))
         return latent_preview(pred_x0)

@@ -189,9 +189,13 @@ def test_pipeline_info_round_trip(tmp_path):
     assert info.target("unet").unsqueeze == ["timestep"]
 
 
-def test_precision_is_openvinos():
+def test_precision_is_one_the_networks_run():
     assert ServingOptions(networks="openvino", precision="bf16").precision == "bf16"
-    with pytest.raises(ValueError, match="precision bf16 needs networks=openvino"):
+    assert ServingOptions(networks="torch", precision="fp16").precision == "fp16"
+    with pytest.raises(ValueError, match=r"precision bf16 is not one networks=onnxruntime runs "
+                                         r"\(it runs fp32\)"):
         ServingOptions(networks="onnxruntime", precision="bf16")
-    with pytest.raises(ValueError, match=r"parameter precision='fp16'"):
+    with pytest.raises(ValueError, match="precision fp16 is not one networks=openvino runs"):
         ServingOptions.from_parameters({"networks": "openvino", "precision": "fp16"})
+    with pytest.raises(ValueError, match=r"parameter precision='int8'"):
+        ServingOptions.from_parameters({"networks": "torch", "precision": "int8"})

@@ -165,16 +165,26 @@ def test_the_front_model_needs_the_streaming_model():
 
 
 def test_onnxruntime_networks_need_onnx_files(model, specs, tmp_path):
-    with pytest.raises(ValueError, match="TensorRT repository has engines only: use networks=bls"):
-        assemble(write_built(tmp_path / "r", model, specs, "tensorrt"),
-                 PipelineOptions(serving={"networks": "onnxruntime"}))
+    trt = write_built(tmp_path / "r", model, specs, "tensorrt")
+    with pytest.raises(ValueError, match="TensorRT repository has engines only: use "
+                                         "networks=bls or torch"):
+        assemble(trt, PipelineOptions(serving={"networks": "onnxruntime"}))
+    # The PyTorch modules need their weights, which only --torch-weights builds write.
+    with pytest.raises(ValueError, match="networks=torch needs the networks' PyTorch weights "
+                                         ".* build with --torch-weights"):
+        assemble(trt, PipelineOptions(serving={"networks": "torch"}))
+    # A TensorRT build keeps its pipeline's loop beside the engines, on the GPU where there is.
+    assemble(trt)
+    serving = read_pipeline_config(trt / "ldm_txt2img_stream")[1]
+    assert (serving.networks, serving.device) == ("bls", "auto")
     # Choosing ONNX Runtime drops the OpenVINO precision default with it (fp32).
     out = write_built(tmp_path / "p", model, specs)
     assemble(out, PipelineOptions(serving={"networks": "onnxruntime"}))
     serving = read_pipeline_config(out / "ldm_txt2img_stream")[1]
     assert (serving.networks, serving.precision) == ("onnxruntime", "fp32")
     with pytest.raises(ValueError,
-                       match="networks\n  Input should be 'onnxruntime', 'openvino' or 'bls'"):
+                       match="networks\n  Input should be 'onnxruntime', 'openvino', 'torch' "
+                             "or 'bls'"):
         ServingOptions(networks="gpu")
 
 
@@ -255,13 +265,16 @@ def test_needs_a_built_repository(tmp_path):
         assemble(tmp_path)
 
 
-def test_build_takes_the_pipeline_arguments_and_refuses_a_precision_without_openvino(capsys):
-    from server.build import pipeline_args
+def test_build_takes_the_pipeline_arguments_and_refuses_a_precision_they_do_not_run(
+        tiny_ldm_dir, tmp_path, capsys):
+    from server.build import main, pipeline_args
 
     own, rest = pipeline_args(["--networks", "openvino", "--precision", "auto", "--out", "r"])
     assert (own.networks, own.precision, rest) == ("openvino", "auto", ["--out", "r"])
     own, _ = pipeline_args(["--precision", "bf16"])  # the python backend's default: openvino
     assert (own.networks, own.precision) == (None, "bf16")
-    with pytest.raises(SystemExit):
-        pipeline_args(["--networks", "onnxruntime", "--precision", "bf16"])
-    assert "--precision bf16 needs --networks openvino" in capsys.readouterr().err
+    out = tmp_path / "repo"
+    assert main(["--checkpoint", str(tiny_ldm_dir), "--out", str(out), "--networks",
+                 "onnxruntime", "--precision", "bf16"]) == 2
+    assert "precision bf16 is not one networks=onnxruntime runs" in capsys.readouterr().err
+    assert not out.exists()  # refused before exporting

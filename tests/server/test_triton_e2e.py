@@ -246,6 +246,41 @@ def test_openvino_networks_serve_the_same_images(repository, client, tmp_path, p
     assert any((tmp_path / "ov-cache").iterdir())  # compiled once, imported on a restart
 
 
+def test_torch_networks_serve_the_same_images_and_merge_steps(served_ldm_dir, served_model,
+                                                             tmp_path):
+    # networks=torch, built in one command: the pipeline runs the PyTorch modules from the
+    # repository's pytorch/ weights (on the GPU where there is one; here the CPU), with the
+    # same loop, the same images and the in-process batcher merging concurrent requests.
+    from ldm.pipeline import Txt2ImgPipeline
+    from server import build
+    from server.repository import read_pipeline_config
+
+    repo = tmp_path / "model_repository"
+    assert build.main(["--checkpoint", str(served_ldm_dir), "--out", str(repo), "--quiet",
+                       "--models", "text_encoder,unet,vae_decoder", "--max-batch", "4",
+                       "--work-dir", str(tmp_path / "work"), "--networks", "torch"]) == 0
+    options = read_pipeline_config(repo / "ldm_txt2img_stream")[1]
+    assert (options.networks, options.precision, options.device) == ("torch", "auto", "auto")
+    kw = dict(steps=5, num_images=1, guidance_scale=5.0)
+    got: dict[int, np.ndarray] = {}
+    with TritonServer(repo, log_path=tmp_path / "tritonserver.log",
+                      models=("ldm_txt2img", "ldm_txt2img_stream")) as torch_server:
+        with Txt2ImgClient(torch_server.grpc_url, timeout=60) as torch_client:
+            threads = [threading.Thread(target=lambda s=s: got.__setitem__(
+                s, torch_client.generate(PROMPT, seed=s, **kw).images)) for s in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        executions, calls = unet_counts(torch_server)
+    assert len(got) == 3 and calls > executions  # steps of different requests ran as one
+    pipe = Txt2ImgPipeline(served_model)
+    for seed, images in got.items():
+        want = pipe([PROMPT], negative_prompt="", seed=seed, steps=5, guidance_scale=5.0,
+                    sampler="ddim")
+        assert psnr(images, want) >= 40
+
+
 BAD = [
     ({"steps": 0}, "num_inference_steps must be in [1, 1000], got 0"),
     ({"guidance_scale": 100.0}, "guidance_scale must be in [0, 20], got 100"),

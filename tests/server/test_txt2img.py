@@ -10,6 +10,7 @@ import torch
 from ldm.pipeline import Txt2ImgPipeline
 from server.batching import CallBatcher
 from server.contract import GenerationRequest, PipelineInfo, ServingOptions
+from server.networks import host_function
 from server.txt2img import (
     Cancelled,
     EmbeddingCache,
@@ -60,8 +61,9 @@ def make_service(model, options: ServingOptions | None = None,
     options = options or ServingOptions()
     info = PipelineInfo(latent_channels=4, downsample_factor=4, parameterization="eps",
                         max_seq_len=77, scale_factor=0.5)
+    encode, unet, decode = (host_function(f) for f in (rec.encode, rec.unet, rec.decode))
     service = Txt2ImgService(info, model.alphas_cumprod.numpy(), model.cond_stage_model.tknz_fn,
-                             rec.encode, rec.unet, rec.decode, options, batcher)
+                             encode, unet, decode, options, batcher)
     return service, rec
 
 
