@@ -70,7 +70,7 @@ SCHEDULE = "alphas_cumprod.npy"  # (T,) float32 abar_t, as the checkpoint holds 
 GRAPH_SOURCES = ("ldm/models", "ldm/modules", "ldm/config.py", "ldm/compat.py",
                  "ldm/pretrained.py", "export/specs.py", "export/onnx_export.py")
 REPOSITORY_SOURCES = ("export",)
-CACHES = ("onnx", "ort", "engines", "openvino")  # the build steps' folders in `work_dir`
+CACHES = ("onnx", "onnx16", "ort", "engines", "openvino")  # the build steps' folders in `work_dir`
 
 __all__ = ["MODELS", "MODEL_CONFIG", "SCHEDULE", "BuildOptions", "BuildReport", "build_repository",
            "ldm_config"]

@@ -254,7 +254,8 @@ class Builder:
             for old in engine_dir.glob(f"{name}-*.plan"):
                 old.unlink()
         existing = set(engine_dir.glob("*.plan")) if engine_dir.is_dir() else set()
-        path = build_engine(onnx_path, spec, engine_dir, self.options.engine)
+        path = build_engine(self.engine_source(onnx_path, spec), spec, engine_dir,
+                            self.options.engine)
         if path in existing:
             self.report.reused.append(f"{name}: tensorrt engine")
         else:
@@ -263,6 +264,24 @@ class Builder:
                                        f"parity (max rel {report.max_rel:.1e})")
         self._use(path)
         return path
+
+    def engine_source(self, onnx_path: Path, spec: ExportSpec) -> Path:
+        """The ONNX file this TensorRT builds from: the exported fp32 graph, or (strongly
+        typed TensorRT 11 networks in fp16) its cached fp16 graph (export/fp16_onnx.py)."""
+        import tensorrt as trt
+
+        from export.fp16_onnx import write_fp16_onnx
+        from export.tensorrt import needs_fp16_onnx
+
+        if not needs_fp16_onnx(spec, self.options.engine, trt.__version__):
+            return onnx_path
+        folder = self.work_dir / "onnx16" / onnx_path.parent.name  # keyed as the fp32 graph
+        if not (folder / "model.onnx").is_file() or self.force:
+            with cache_entry(folder) as tmp:
+                write_fp16_onnx(onnx_path, tmp)
+            self.report.rebuilt.append(f"{spec.name}: fp16 onnx graph")
+        self._use(folder)
+        return folder / "model.onnx"
 
     @staticmethod
     def _engine_parity(plan: Path, onnx_path: Path, spec: ExportSpec):

@@ -12,11 +12,13 @@ version and GPU model that built it, and Triton must run the same TensorRT versi
 cache file per GPU/TensorRT version is shared by all builds, so a rebuild after a small graph
 change skips most kernel timing.
 
-Precision: per network (`ExportSpec.engine_precision`): the text encoder and the UNet get the
-fp16 builder flag with fp32 I/O (the spec's dtypes), the VAE stays fp32. Whether TensorRT
-keeps LayerNormalization and Softmax in fp32 under that flag is not checked yet: no engine
-has run here. TensorRT 11 has no FP16 flag (strongly typed networks) and is refused with a
-message until an fp16 ONNX export exists. int64 I/O (`input_ids`, `timestep`) needs
+Precision: per network (`ExportSpec.engine_precision`): the text encoder and the UNet in
+fp16 with fp32 I/O (the spec's dtypes), the VAE in fp32. TensorRT 8-10 get the fp16 builder
+flag on the fp32 graph (weak typing: TensorRT picks each layer's precision). TensorRT 11 has
+no such flag: its networks are strongly typed, built from an fp16 ONNX file whose fp32
+islands (softmax, norms, the timestep embedding) are chosen by export/fp16_onnx.py; the
+plan says which file it needs (`"onnx": "fp16"`). Every new engine is compared with ONNX
+Runtime fp32 (export/engine_parity.py). int64 I/O (`input_ids`, `timestep`) needs
 TensorRT >= 10.
 """
 from __future__ import annotations
@@ -58,24 +60,31 @@ FLAG_TYPED_MAJORS = (8, 9, 10)
 def builder_plan(spec: ExportSpec, settings: EngineSettings, trt_version: str = "10.0.0") -> dict:
     """Everything `build_engine` sets on the builder config, as plain data (tested here, used
     verbatim on the GPU host). fp16 where both the settings and the network's spec ask for it
-    (`ExportSpec.engine_precision`: the VAE stays fp32)."""
+    (`ExportSpec.engine_precision`: the VAE stays fp32): by the FP16 flag on TensorRT 8-10,
+    by a strongly typed network from the fp16 ONNX file (`onnx`) from 11 on."""
     if not 0 <= settings.optimization_level <= 5:
         raise ValueError(f"optimization_level must be in 0..5, got {settings.optimization_level}")
     if settings.workspace_gib <= 0:
         raise ValueError(f"workspace_gib must be > 0, got {settings.workspace_gib}")
     major = int(trt_version.split(".")[0])
+    if major < FLAG_TYPED_MAJORS[0]:
+        raise ValueError(f"TensorRT {trt_version} is too old: supported from 8 on (10 for the "
+                         "int64 inputs)")
     fp16 = settings.fp16 and spec.engine_precision == "fp16"
-    if major not in FLAG_TYPED_MAJORS:
-        raise ValueError(
-            f"TensorRT {trt_version}: engines are built with the FP16 builder flag, which "
-            f"TensorRT {major} no longer has (its networks are strongly typed: the ONNX file "
-            "must carry fp16 itself); supported: TensorRT 8-10")
+    typed = major not in FLAG_TYPED_MAJORS
     return {
-        "flags": ["FP16"] if fp16 else [],
+        "flags": ["FP16"] if fp16 and not typed else [],
+        "network_flags": ["STRONGLY_TYPED"] if typed else [],
+        "onnx": "fp16" if fp16 and typed else "fp32",
         "workspace_bytes": int(settings.workspace_gib * 2**30),
         "optimization_level": settings.optimization_level,
         "profile": {k: [list(s) for s in v] for k, v in profile_shapes(spec).items()},
     }
+
+
+def needs_fp16_onnx(spec: ExportSpec, settings: EngineSettings, trt_version: str) -> bool:
+    """Whether this TensorRT builds `spec`'s engine from the fp16 ONNX file."""
+    return builder_plan(spec, settings, trt_version)["onnx"] == "fp16"
 
 
 def engine_key(onnx_hash: str, trt_version: str, gpu_name: str, spec: ExportSpec,
@@ -127,7 +136,8 @@ def same_model_gpus(names: list[str] | None = None) -> tuple[int, ...]:
 
 def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path,
                  settings: EngineSettings = EngineSettings()) -> Path:
-    """The cached plan for this ONNX file, GPU and TensorRT version, built if missing."""
+    """The cached plan for this ONNX file, GPU and TensorRT version, built if missing.
+    `onnx_path` is the file the plan's `onnx` names (export/steps.py picks it)."""
     import tensorrt as trt
 
     engine_dir = Path(engine_dir)
@@ -144,6 +154,8 @@ def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path
     # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
     major = int(trt.__version__.split(".")[0])
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    for flag in plan["network_flags"]:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves model.onnx.data relative to the file.
@@ -168,7 +180,8 @@ def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log.info("%s: building TensorRT engine (%s)", spec.name, ", ".join(plan["flags"]) or "fp32")
+    log.info("%s: building TensorRT engine (%s)", spec.name,
+             ", ".join(plan["flags"] + plan["network_flags"]) or "fp32")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{spec.name}: TensorRT engine build failed (see the log above)")

@@ -16,6 +16,7 @@ from export.tensorrt import (
     builder_plan,
     engine_key,
     engine_path,
+    needs_fp16_onnx,
     profile_shapes,
     timing_cache_path,
     trt_status,
@@ -48,7 +49,8 @@ def test_text_and_vae_profiles(specs):
 def test_builder_plan(specs):
     plan = builder_plan(specs["unet"], EngineSettings(workspace_gib=0.5))
     assert plan == {
-        "flags": ["FP16"], "workspace_bytes": 512 * 2**20, "optimization_level": 3,
+        "flags": ["FP16"], "network_flags": [], "onnx": "fp32",
+        "workspace_bytes": 512 * 2**20, "optimization_level": 3,
         "profile": {"latent": [[1, 4, 4, 4], [2, 4, 4, 4], [6, 4, 8, 8]],
                     "timestep": [[1], [2], [6]],
                     "context": [[1, 77, 32], [2, 77, 32], [6, 77, 32]]},
@@ -58,10 +60,20 @@ def test_builder_plan(specs):
     flags = {name: builder_plan(spec, EngineSettings())["flags"] for name, spec in specs.items()}
     assert flags == {"text_encoder": ["FP16"], "unet": ["FP16"], "vae_decoder": [],
                      "vae_encoder": []}
-    # TensorRT 11 has no FP16 flag: refused by name, never an AttributeError mid-build.
-    with pytest.raises(ValueError, match=r"TensorRT 11.0.1: .* supported: TensorRT 8-10"):
-        builder_plan(specs["unet"], EngineSettings(), "11.0.1")
+    # TensorRT 11 has no FP16 flag: strongly typed networks, fp16 ones from the fp16 graph.
+    typed = {name: builder_plan(spec, EngineSettings(), "11.0.1")
+             for name, spec in specs.items()}
+    assert {name: (p["flags"], p["network_flags"], p["onnx"]) for name, p in typed.items()} == {
+        "text_encoder": ([], ["STRONGLY_TYPED"], "fp16"),
+        "unet": ([], ["STRONGLY_TYPED"], "fp16"),
+        "vae_decoder": ([], ["STRONGLY_TYPED"], "fp32"),
+        "vae_encoder": ([], ["STRONGLY_TYPED"], "fp32")}
+    assert needs_fp16_onnx(specs["unet"], EngineSettings(), "11.0.1")
+    assert not needs_fp16_onnx(specs["unet"], EngineSettings(fp16=False), "11.0.1")
+    assert not needs_fp16_onnx(specs["unet"], EngineSettings(), "10.13.0")
     assert builder_plan(specs["unet"], EngineSettings(), "10.13.0")["flags"] == ["FP16"]
+    with pytest.raises(ValueError, match=r"TensorRT 7.2.3 is too old"):
+        builder_plan(specs["unet"], EngineSettings(), "7.2.3")
     with pytest.raises(ValueError, match="optimization_level"):
         builder_plan(specs["unet"], EngineSettings(optimization_level=6))
     with pytest.raises(ValueError, match="workspace_gib"):
