@@ -14,7 +14,8 @@ change skips most kernel timing.
 
 Precision: per network (`ExportSpec.engine_precision`): the text encoder and the UNet in
 fp16 with fp32 I/O (the spec's dtypes), the VAE in fp32. TensorRT 8-10 get the fp16 builder
-flag on the fp32 graph (weak typing: TensorRT picks each layer's precision). TensorRT 11 has
+flag on the fp32 graph (weak typing: TensorRT picks each layer's precision), with softmax,
+normalization, reduce and unary layers pinned to fp32 (FP32_LAYERS). TensorRT 11 has
 no such flag: its networks are strongly typed, built from an fp16 ONNX file whose fp32
 islands (softmax, norms, the timestep embedding) are chosen by export/fp16_onnx.py; the
 plan says which file it needs (`"onnx": "fp16"`). Every new engine is compared with ONNX
@@ -72,14 +73,25 @@ def builder_plan(spec: ExportSpec, settings: EngineSettings, trt_version: str = 
                          "int64 inputs)")
     fp16 = settings.fp16 and spec.engine_precision == "fp16"
     typed = major not in FLAG_TYPED_MAJORS
+    weak_fp16 = fp16 and not typed
     return {
-        "flags": ["FP16"] if fp16 and not typed else [],
+        # PREFER_PRECISION_CONSTRAINTS: the layers pinned below stay fp32 unless TensorRT has
+        # no fp32 kernel for them (then it warns), instead of whatever timing picks.
+        "flags": ["FP16", "PREFER_PRECISION_CONSTRAINTS"] if weak_fp16 else [],
+        "fp32_layers": list(FP32_LAYERS) if weak_fp16 else [],
         "network_flags": ["STRONGLY_TYPED"] if typed else [],
         "onnx": "fp16" if fp16 and typed else "fp32",
         "workspace_bytes": int(settings.workspace_gib * 2**30),
         "optimization_level": settings.optimization_level,
         "profile": {k: [list(s) for s in v] for k, v in profile_shapes(spec).items()},
     }
+
+
+# Layer types a weakly typed fp16 build pins to fp32 (what the strongly typed path's fp16 ONNX
+# keeps in fp32, export/fp16_onnx.py): attention's softmax, LayerNorm / GroupNorm (parsed as
+# normalization layers), reductions, and unary ops (sin/cos of the timestep embedding, exp,
+# sqrt): cheap layers where fp16 loses range or phase.
+FP32_LAYERS = ("SOFTMAX", "NORMALIZATION", "REDUCE", "UNARY")
 
 
 def needs_fp16_onnx(spec: ExportSpec, settings: EngineSettings, trt_version: str) -> bool:
@@ -166,6 +178,7 @@ def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path
     if sorted(inputs) != sorted(plan["profile"]):
         raise RuntimeError(f"{spec.name}: network inputs {inputs} != spec {list(plan['profile'])}")
 
+    pin_fp32_layers(network, plan["fp32_layers"])
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan["workspace_bytes"])
     config.builder_optimization_level = plan["optimization_level"]
@@ -193,3 +206,20 @@ def build_engine(onnx_path: str | Path, spec: ExportSpec, engine_dir: str | Path
     cache_tmp.write_bytes(bytes(timing.serialize()))
     cache_tmp.replace(cache_file)
     return path
+
+
+def pin_fp32_layers(network, layer_types: list[str]) -> int:
+    """Ask for fp32 compute and outputs on every layer of `layer_types` (trt.LayerType names);
+    the number of layers pinned."""
+    import tensorrt as trt
+
+    wanted = {getattr(trt.LayerType, name) for name in layer_types}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in wanted:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned

@@ -49,7 +49,9 @@ def test_text_and_vae_profiles(specs):
 def test_builder_plan(specs):
     plan = builder_plan(specs["unet"], EngineSettings(workspace_gib=0.5))
     assert plan == {
-        "flags": ["FP16"], "network_flags": [], "onnx": "fp32",
+        "flags": ["FP16", "PREFER_PRECISION_CONSTRAINTS"],
+        "fp32_layers": ["SOFTMAX", "NORMALIZATION", "REDUCE", "UNARY"],
+        "network_flags": [], "onnx": "fp32",
         "workspace_bytes": 512 * 2**20, "optimization_level": 3,
         "profile": {"latent": [[1, 4, 4, 4], [2, 4, 4, 4], [6, 4, 8, 8]],
                     "timestep": [[1], [2], [6]],
@@ -58,8 +60,8 @@ def test_builder_plan(specs):
     assert builder_plan(specs["unet"], EngineSettings(fp16=False))["flags"] == []
     # Per network: the VAE's GroupNorms overflow in fp16, so its engines stay fp32.
     flags = {name: builder_plan(spec, EngineSettings())["flags"] for name, spec in specs.items()}
-    assert flags == {"text_encoder": ["FP16"], "unet": ["FP16"], "vae_decoder": [],
-                     "vae_encoder": []}
+    fp16 = ["FP16", "PREFER_PRECISION_CONSTRAINTS"]
+    assert flags == {"text_encoder": fp16, "unet": fp16, "vae_decoder": [], "vae_encoder": []}
     # TensorRT 11 has no FP16 flag: strongly typed networks, fp16 ones from the fp16 graph.
     typed = {name: builder_plan(spec, EngineSettings(), "11.0.1")
              for name, spec in specs.items()}
@@ -71,7 +73,8 @@ def test_builder_plan(specs):
     assert needs_fp16_onnx(specs["unet"], EngineSettings(), "11.0.1")
     assert not needs_fp16_onnx(specs["unet"], EngineSettings(fp16=False), "11.0.1")
     assert not needs_fp16_onnx(specs["unet"], EngineSettings(), "10.13.0")
-    assert builder_plan(specs["unet"], EngineSettings(), "10.13.0")["flags"] == ["FP16"]
+    assert builder_plan(specs["unet"], EngineSettings(), "10.13.0")["flags"] == fp16
+    assert typed["unet"]["fp32_layers"] == []  # the fp16 file says it all
     with pytest.raises(ValueError, match=r"TensorRT 7.2.3 is too old"):
         builder_plan(specs["unet"], EngineSettings(), "7.2.3")
     with pytest.raises(ValueError, match="optimization_level"):
