@@ -86,7 +86,11 @@ def render(spec: ShapeSpec, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1], the autoencoder's input range."""
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1], the autoencoder's input range.
+    (Read-only arrays, such as np.asarray of a PIL image, are copied: torch warns when it
+    shares memory it may not write.)"""
+    if not image.flags.writeable:
+        image = image.copy()
     return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0
 
 

@@ -14,9 +14,13 @@ class DataConfig:
     root: str | None = None  # imagefolder: folder holding metadata.jsonl
     length: int = 1_000_000  # shapes: items per epoch
     seed: int = 0
-    # Validation items, 0 = no validation. shapes: fresh items (seed + 1); imagefolder: the last
-    # min(val_length, len // 10) images, so a folder of < 10 images has no validation.
+    # Validation items, 0 = no validation. shapes: fresh items (seed + 1); imagefolder: a random
+    # subset (drawn with `seed`) of min(val_length, len // 10) images, held out of training, so
+    # a folder of < 10 images has no validation; or every image of `val_root` if given.
     val_length: int = 256
+    val_root: str | None = None  # imagefolder: a separate validation folder (metadata.jsonl)
+    # imagefolder: colour transparent pixels are composited over (a name, #rrggbb or r,g,b).
+    background: str = "white"
     num_workers: int = 0
 
 

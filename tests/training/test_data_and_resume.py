@@ -78,8 +78,8 @@ def test_metadata_entries_outside_the_folder_are_skipped(tmp_path, caplog):
     with open(data / "metadata.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     ds = ImageFolderDataset(data, size=16)
-    assert [text for _, text in ds.items] == ["image 0", "image 1", "stays inside"]
-    assert all(path.resolve().is_relative_to(data.resolve()) for path, _ in ds.items)
+    assert [text for _, text, _ in ds.items] == ["image 0", "image 1", "stays inside"]
+    assert all(path.resolve().is_relative_to(data.resolve()) for path, _, _ in ds.items)
     for lineno, name in [(3, "../secret.png"), (4, str(tmp_path / "secret.png")),
                          (5, "../../../../etc/passwd"), (6, "sub/../../data/1.png")]:
         assert f"line {lineno} skipped: file_name {name!r} is outside" in caplog.text
@@ -120,7 +120,10 @@ def test_metrics_stay_monotonic_after_kill_9_and_resume(tmp_path):
     assert max(json.loads(line)["step"] for line in before) > saved  # lines to drop
 
     assert main([*args, "--resume", "train.stop_after_steps=3"]) == 0
-    rows = metrics(out)
+    every = metrics(out)
+    rows = [r for r in every if "lr" in r]  # the training steps' lines
+    # However a run stops, it ends with a validation at its last step.
+    assert every[-1]["step"] == saved + 3 and "val/psnr" in every[-1]
     steps, times = [r["step"] for r in rows], [r["time"] for r in rows]
     assert steps == list(range(1, saved + 4))
     assert rows[:saved] == [json.loads(line) for line in before[:saved]]
