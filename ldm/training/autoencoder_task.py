@@ -26,6 +26,10 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
 
 
 class AutoencoderTask:
+    # What the progress bar and log lines show. `total_loss` is CompVis's: a sum over the
+    # pixels of an image (~6e4 at 64x64), so the bar shows it per pixel instead.
+    progress_keys = ("train/loss_per_px", "train/rec_loss", "train/disc_loss")
+
     def __init__(self, cfg: AutoencoderConfig, val_images: torch.Tensor,
                  freeze_encoder: bool = False):
         if cfg.lossconfig is None:
@@ -61,6 +65,7 @@ class AutoencoderTask:
             self._cache = (rec.detach(), posterior)
             loss, logs = self.model.loss(x, rec, posterior, 0, step,
                                          last_layer=self.model.get_last_layer(), split="train")
+            logs["train/loss_per_px"] = logs["train/total_loss"] / x[0].numel()
         else:
             rec, posterior = self._cache
             loss, logs = self.model.loss(x, rec, posterior, 1, step,

@@ -14,18 +14,16 @@ from ldm.pretrained import save_pretrained
 from ldm.training import randomness
 from ldm.training.autoencoder_task import image_grid
 
-GRID_PROMPTS = [
-    "a red circle in the top left", "a green square in the top right",
-    "a blue triangle in the bottom left", "a yellow circle in the bottom right",
-    "a magenta square in the center", "a cyan triangle in the top left",
-    "a white circle in the center", "a orange square in the bottom right",
-]
-
 
 class LDMTask:
+    progress_keys = ("train/loss",)
+
     def __init__(self, cfg: LDMConfig, ema_decay: float, sample_steps: int,
-                 sample_guidance: float):
+                 sample_guidance: float, grid_prompts: list[str]):
+        """`grid_prompts`: the captions the sample grids show (the data's own: held-out ones
+        where there are)."""
         self.cfg = cfg
+        self.grid_prompts = list(grid_prompts)
         self.model = LatentDiffusion(cfg)
         if self.model.model_ema is not None:
             self.model.model_ema.decay.fill_(ema_decay)
@@ -80,7 +78,7 @@ class LDMTask:
 
     def sample_grid(self, step: int) -> np.ndarray:
         pipe = Txt2ImgPipeline(self.model)
-        images = pipe(GRID_PROMPTS, steps=self.sample_steps,
+        images = pipe(self.grid_prompts, steps=self.sample_steps,
                       guidance_scale=self.sample_guidance, seed=step)
         return image_grid([images])
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -33,6 +33,7 @@ from ldm.data.imagefolder import collate
 from ldm.training import randomness
 from ldm.training.checkpoint import atomic_save, atomic_write, load_state
 from ldm.training.config import LoopConfig, OptimConfig
+from ldm.training.schedule import BatchSchedule, TimeBudget, clock, lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -66,38 +67,6 @@ class Task(Protocol):
     def extra_state(self) -> dict: ...
 
     def load_extra_state(self, state: dict) -> None: ...
-
-
-class BatchSchedule(torch.utils.data.Sampler):
-    """Yields this process's slice of the global batch for each step from `start`."""
-
-    def __init__(self, length: int, cfg: LoopConfig, seed: int, start: int, rank: int, world: int):
-        self.length, self.cfg, self.seed, self.start = length, cfg, seed, start
-        self.rank, self.world = rank, world
-        self.local = cfg.batch_size // world
-
-    def __len__(self) -> int:
-        return self.cfg.max_steps - self.start
-
-    def __iter__(self):
-        for step in range(self.start, self.cfg.max_steps):
-            idx = randomness.global_indices(step, self.cfg.batch_size, self.length, self.seed)
-            yield idx[self.rank * self.local : (self.rank + 1) * self.local].tolist()
-
-
-def lr_lambda(cfg: OptimConfig, max_steps: int):
-    """Linear warm-up, then constant or cosine decay to lr * min_lr_ratio."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
-
-    return f
 
 
 def allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -146,10 +115,14 @@ class Trainer:
                               weight_decay=optim.weight_decay)
             for ps in task.param_groups()
         ]
+        # The step the LR schedule ends at and the run stops: max_steps, or fewer when a time
+        # budget (max_minutes) cannot reach it (set by `budget`, kept in the checkpoint).
+        self.horizon = loop.max_steps
         self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(optim, loop.max_steps))
+            torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(optim, lambda: self.horizon))
             for o in self.optimizers
         ]
+        self.budget = TimeBudget(60 * loop.max_minutes)
         self.step = 0
         self.elapsed = 0.0  # training wall time (s) before this invocation, from the checkpoint
         self._t0: float | None = None  # time.time() that the `time` metric counts from
@@ -171,6 +144,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "extra": self.task.extra_state(),
             "elapsed": time.time() - self._t0 if self._t0 is not None else self.elapsed,
+            "horizon": self.horizon,
+            "budgeted": self.budget.seconds > 0 and self.budget.settled,
         }
         atomic_save(state, self.ckpt_path)
         self.task.save_model(self.out / "model")
@@ -188,6 +163,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.task.load_extra_state(state["extra"])
         self.step = state["step"]
+        if state.get("budgeted") and self.cfg.max_minutes > 0:  # the schedule it started
+            self.horizon = min(int(state["horizon"]), self.cfg.max_steps)
+            self.budget.settled = True
         self.resumed = True
         kept = self._truncate_metrics() if self.rank == 0 else []
         # Checkpoints from before "elapsed" was saved: the last kept `time` is the best guess.
@@ -286,7 +264,7 @@ class Trainer:
         with torch.no_grad():
             metrics = self.task.validate(iter(loader))
         self.task.model.train()
-        self._log({"step": self.step, **metrics})
+        self._log({"step": self.step, "time": time.time() - self._t0, **metrics})
         log.info("step %d validation: %s", self.step,
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -316,7 +294,8 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
-        """Train until max_steps (or a stop request / max_minutes); returns the last step."""
+        """Train until the horizon (max_steps, or what fits in max_minutes), a stop request or
+        stop_after_steps; then validate, sample and save, however it stopped."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
@@ -327,9 +306,12 @@ class Trainer:
                                 self.rank, self.world)
         loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
                             num_workers=self.num_workers, persistent_workers=False)
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=self.rank != 0,
+        # A progress bar on a terminal; a log line per log_every steps otherwise (a redirected
+        # bar is one ever-growing line of carriage returns).
+        lines = self.rank == 0 and not sys.stderr.isatty()
+        bar = tqdm(total=self.horizon, initial=self.step, disable=self.rank != 0 or lines,
                    dynamic_ncols=True, desc="train")
-        t0, saved_at, first = time.time(), self.step, self.step
+        t0, self._first = time.time(), self.step
         self._t0 = t0 - self.elapsed
         self.task.model.train()
         try:
@@ -337,34 +319,73 @@ class Trainer:
                 logs = self._train_step(batch)
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "loss" in k[-9:]})
-                if self.step % self.cfg.log_every == 0:
-                    self._log({"step": self.step, "time": time.time() - self._t0, **logs})
-                if self.step % self.cfg.val_every == 0:
-                    self._validate()
-                if self.step % self.cfg.sample_every == 0:
-                    self._samples()
-                overtime = (
-                    (self.cfg.max_minutes and time.time() - t0 > 60 * self.cfg.max_minutes)
-                    or (self.cfg.stop_after_steps
-                        and self.step - first >= self.cfg.stop_after_steps))
-                if self.step % self.cfg.ckpt_every == 0 or stop.requested or overtime:
-                    self.save()
-                    saved_at = self.step
-                if stop.requested or overtime:
-                    if self.step < self.cfg.max_steps:
-                        log.warning("stopped at step %d (saved); continue with --resume",
-                                    self.step)
+                shown = self._shown(logs)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()})
+                self._periodic(logs, shown, t0, lines, bar)
+                if self._should_stop(stop, t0):
                     break
         finally:
             bar.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if saved_at != self.step:
-            self.save()
-        if self.step >= self.cfg.max_steps:
-            if self.step % self.cfg.val_every:
-                self._validate()
-            if self.step % self.cfg.sample_every:
-                self._samples()
+        self._finish()
         return self.step
+
+    def _periodic(self, logs: dict, shown: dict, t0: float, lines: bool, bar) -> None:
+        if self.step % self.cfg.log_every == 0:
+            self._log({"step": self.step, "time": time.time() - self._t0, **logs})
+            if lines:
+                self._log_line(shown, t0)
+        if self.step % self.cfg.val_every == 0:
+            self._validate()
+        if self.step % self.cfg.sample_every == 0:
+            self._samples()
+        if self.step % self.cfg.ckpt_every == 0:
+            self.save()
+        horizon = self.budget.horizon(self.step, self._first, t0, time.time() - self._t0,
+                                      self.cfg.max_steps)
+        if horizon is not None:
+            self.horizon, bar.total = horizon, horizon
+            log.info("time budget %g min: about %d steps fit (at %.2f steps/s); the LR "
+                     "schedule and the progress now end at step %d", self.cfg.max_minutes,
+                     horizon, self.budget.rate, horizon)
+
+    def _shown(self, logs: dict) -> dict[str, float]:
+        """The few numbers the bar and the log lines show (Task.progress_keys)."""
+        keys = getattr(self.task, "progress_keys", None)
+        if keys is None:
+            return {k: v for k, v in logs.items() if "loss" in k[-9:]}
+        return {k: logs[k] for k in keys if k in logs}
+
+    def _log_line(self, shown: dict, t0: float) -> None:
+        done = self.step - self._first
+        rate = done / max(time.time() - t0, 1e-9)
+        left = (self.horizon - self.step) / rate if rate > 0 else float("inf")
+        values = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in shown.items())
+        log.info("step %d/%d %s lr=%.3g | %.2f steps/s, %s left", self.step, self.horizon,
+                 values, self.schedulers[0].get_last_lr()[0], rate, clock(left))
+
+    def _should_stop(self, stop: _StopFlag, t0: float) -> bool:
+        overtime = bool(self.budget.seconds and time.time() - self._t0 > self.budget.seconds)
+        sliced = bool(self.cfg.stop_after_steps
+                      and self.step - self._first >= self.cfg.stop_after_steps)
+        if self.step >= self.horizon:
+            return True
+        if stop.requested or overtime or sliced:
+            why = "stop requested" if stop.requested else (
+                "time budget spent" if overtime else "stop_after_steps reached")
+            log.warning("stopped at step %d of %d (%s); continue with --resume", self.step,
+                        self.horizon, why)
+            return True
+        return False
+
+    def _finish(self) -> None:
+        """Validation, samples and the checkpoint at the last step, whatever stopped the run."""
+        if self.step == self._first and self.resumed:
+            return  # nothing trained since the checkpoint: it already holds all of this
+        if self.step % self.cfg.ckpt_every:  # first: a second Ctrl-C may cut what follows
+            self.save()
+        if self.step % self.cfg.val_every:
+            self._validate()
+        if self.step % self.cfg.sample_every:
+            self._samples()

@@ -166,7 +166,7 @@ def test_missing_first_stage_and_resume_are_clear_errors(tmp_path, capsys):
     assert main(["ldm", "--config", LDM, f"train.out_dir={tmp_path}"]) == 2
     assert "first_stage" in capsys.readouterr().err
     assert main(["autoencoder", "--config", AE, f"train.out_dir={tmp_path}", "--resume"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "--resume: no run config at" in capsys.readouterr().err
 
 
 def test_imagefolder_errors_and_skips_bad_files(tmp_path, capsys, caplog):
