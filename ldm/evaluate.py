@@ -147,22 +147,21 @@ def train_judge(args) -> dict:
     from ldm.evaluation.folders import load_images, parse_where, select
 
     folder = ImageFolderDataset(args.data, args.size, args.background)
-    everything = list(range(len(folder)))
-    chosen = select(folder, everything, parse_where(args.where), 0)
+    chosen = select(folder, list(range(len(folder))), parse_where(args.where), 0)
+    images = load_images(folder, chosen, args.size)
+    feats = FeatureJudge({}, {}).features(images)  # once: calibration and the saved judge
+    position = {index: k for k, index in enumerate(chosen)}
     result: dict = {}
     if args.train_where or args.test_where:
-        train = select(folder, chosen, parse_where(args.train_where), 0)
-        test = select(folder, chosen, parse_where(args.test_where), 0)
-        _, table = calibrate(load_images(folder, train, args.size),
-                             [folder.rows[i] for i in train],
-                             load_images(folder, test, args.size),
-                             [folder.rows[i] for i in test])
+        train = [position[i] for i in select(folder, chosen, parse_where(args.train_where), 0)]
+        test = [position[i] for i in select(folder, chosen, parse_where(args.test_where), 0)]
+        _, table = calibrate(feats[train], [folder.rows[chosen[k]] for k in train],
+                             images[test], [folder.rows[chosen[k]] for k in test], feats[test])
         result.update({f"{variant}_{k}": v for variant, row in table.items()
                        for k, v in row.items()})
         result.update(train_images=len(train), test_images=len(test))
     rows = [folder.rows[i] for i in chosen]
-    judge = FeatureJudge.train(load_images(folder, chosen, args.size),
-                               {f: [r[f] for r in rows] for f in FIELDS})
+    judge = FeatureJudge.train(None, {f: [r[f] for r in rows] for f in FIELDS}, features=feats)
     judge.save(args.out)
     result.update(judge=str(args.out), judge_images=len(chosen),
                   **{f"{f}_labels": len(judge.labels[f]) for f in FIELDS})

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from ldm.evaluation.feature_judge import FeatureJudge
@@ -28,10 +29,12 @@ def generate(model, captions: list[str], seeds: int, steps: int, guidance: float
     return np.concatenate(out)
 
 
-def judged(judge: FeatureJudge, images: np.ndarray, rows: list[dict]) -> dict[str, float]:
-    """{"category_top1", "name_top5"} of `images` against `rows` (repeated to their number)."""
-    rows = [rows[i % len(rows)] for i in range(len(images))]
-    feats = judge.features(images)
+def judged(judge: FeatureJudge, images: np.ndarray | None, rows: list[dict],
+           feats: torch.Tensor | None = None) -> dict[str, float]:
+    """{"category_top1", "name_top5"} of `images` (or their `feats`) against `rows`
+    (repeated to their number)."""
+    feats = judge.features(images) if feats is None else feats
+    rows = [rows[i % len(rows)] for i in range(len(feats))]
     return {f"{field}_top{k}": judge.accuracy(None, field, [r[field] for r in rows], k, feats)
             for field, k in FIELDS.items() if field in judge.labels}
 
@@ -45,12 +48,15 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def calibrate(train_images: np.ndarray, train_rows: list[dict], test_images: np.ndarray,
-              test_rows: list[dict]) -> tuple[FeatureJudge, dict[str, dict[str, float]]]:
-    """A judge trained on one set, and its scores on another: real, blurred, random."""
-    judge = FeatureJudge.train(train_images, {f: [r[f] for r in train_rows] for f in FIELDS})
+def calibrate(train_feats: torch.Tensor, train_rows: list[dict], test_images: np.ndarray,
+              test_rows: list[dict],
+              test_feats: torch.Tensor) -> tuple[FeatureJudge, dict[str, dict[str, float]]]:
+    """A judge trained on one set's features, and its scores on another set: its real images
+    (`test_feats`), blurred copies and random images."""
+    judge = FeatureJudge.train(None, {f: [r[f] for r in train_rows] for f in FIELDS},
+                               features=train_feats)
     size = test_images.shape[1]
-    table = {"real": judged(judge, test_images, test_rows),
+    table = {"real": judged(judge, None, test_rows, test_feats),
              "blurred": judged(judge, blurred(test_images), test_rows),
              "random": judged(judge, random_images(len(test_images), size), test_rows)}
     return judge, table

@@ -46,7 +46,7 @@ class FeatureJudge:
 
     # --- training and use ------------------------------------------------------------
     @classmethod
-    def train(cls, images: np.ndarray, labels: dict[str, list[str]], steps: int = 300,
+    def train(cls, images: np.ndarray | None, labels: dict[str, list[str]], steps: int = 300,
               weight_decay: float = 1e-4, features: torch.Tensor | None = None) -> FeatureJudge:
         """Fit one head per label field (`labels[field][i]` is image i's label)."""
         judge = cls({}, {})
