@@ -96,3 +96,12 @@ def test_a_clip_model_round_trips_through_our_format(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.get_learned_conditioning(["a fox"]),
                                    model.get_learned_conditioning(["a fox"]))
+
+
+def test_autoencoder_widths_must_suit_groupnorm():
+    from ldm.config import AutoencoderConfig, ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"ddconfig.ch=48 with ch_mult=\[1, 2\] gives 48 "
+                                          r"channels; every width must be a multiple of 32"):
+        from_dict(AutoencoderConfig, {"ddconfig": {"ch": 48, "ch_mult": [1, 2]}})
+    assert from_dict(AutoencoderConfig, {"ddconfig": {"ch": 32, "ch_mult": [1, 3]}})

@@ -221,6 +221,7 @@ class TextTransformer(nn.Module):
         depth: int,
         heads: int = HEADS,
         emb_dropout: float = 0.0,
+        logits_head: bool = True,
     ):
         super().__init__()
         self.max_seq_len = max_seq_len
@@ -232,14 +233,18 @@ class TextTransformer(nn.Module):
         self.attn_layers = AttentionLayers(dim, depth, heads=heads)
         self.norm = nn.LayerNorm(dim)
         # Language-model head from x-transformers: LDM only uses the embeddings, but the
-        # weights are in every CompVis checkpoint.
-        self.to_logits = nn.Linear(dim, num_tokens)
+        # weights are in every CompVis checkpoint (TextEncoderConfig.logits_head).
+        self.to_logits = nn.Linear(dim, num_tokens) if logits_head else None
 
     def forward(self, tokens: torch.Tensor, return_embeddings: bool = False) -> torch.Tensor:
         """tokens (B, N) int64, N <= max_seq_len -> embeddings (B, N, D) or logits (B, N, V)."""
         x = self.token_emb(tokens) + self.pos_emb(tokens)
         x = self.norm(self.attn_layers(self.emb_dropout(x)))
-        return x if return_embeddings else self.to_logits(x)
+        if return_embeddings:
+            return x
+        if self.to_logits is None:
+            raise ValueError("this text encoder has no logits head (logits_head: false)")
+        return self.to_logits(x)
 
 
 # --- the conditioning model ----------------------------------------------------------------
@@ -256,6 +261,7 @@ class BERTEmbedder(TextConditioner):
             dim=cfg.n_embed,
             depth=cfg.n_layer,
             emb_dropout=cfg.embedding_dropout,
+            logits_head=cfg.logits_head,
         )
 
     def load_tokenizer(self) -> BERTTokenizer:

@@ -201,3 +201,20 @@ def test_default_init_is_small_normal_embeddings():
     for w in (model.transformer.token_emb.weight, model.transformer.pos_emb.emb.weight):
         assert abs(w.std().item() - 0.02) < 0.002
         assert abs(w.mean().item()) < 0.002
+
+
+def test_the_unused_logits_head_can_be_left_out():
+    import torch
+
+    from ldm.config import TextEncoderConfig
+    from ldm.modules.text_encoder import BERTEmbedder
+
+    cfg = dict(n_embed=32, n_layer=1, use_tokenizer=False)
+    full, slim = (BERTEmbedder(TextEncoderConfig(**cfg, logits_head=h)) for h in (True, False))
+    dropped = {k for k in full.state_dict() if k not in slim.state_dict()}
+    assert dropped == {"transformer.to_logits.weight", "transformer.to_logits.bias"}
+    slim.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+    ids = torch.randint(0, 30522, (2, 77))
+    torch.testing.assert_close(slim.embed_tokens(ids), full.embed_tokens(ids))
+    with pytest.raises(ValueError, match="no logits head"):
+        slim.transformer(ids)
