@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--openvino-parity", default="",
                    help="comma-separated precisions to check the served graphs at on OpenVINO "
                         "(for a pipeline that runs them there)")
+    p.add_argument("--name-prefix", default="",
+                   help="before each network's Triton model name (emoji_ -> emoji_unet): "
+                        "several models' repositories in one Triton")
     p.add_argument("--torch-weights", action="store_true",
                    help="also write the networks' PyTorch weights (pytorch/), for a pipeline "
                         "that runs the modules themselves (--networks torch)")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         options = BuildOptions(
             triton=TritonOptions(args.backend, args.device, args.instances,
                                  args.max_queue_delay_us, args.threads,
-                                 args.openvino_precision),
+                                 args.openvino_precision, name_prefix=args.name_prefix),
             models=args.models,
             limits=ShapeLimits(args.max_batch, args.min_latent, args.max_latent),
             opset=args.opset, use_ema=not args.no_ema, ort_level=args.ort_level,

@@ -108,5 +108,6 @@ def check_out_dir(out: Path) -> None:
 
 
 def files_present(out: Path, manifest: dict) -> bool:
-    return all((out / name / "1" / entry["file"]).is_file()
+    prefix = manifest.get("name_prefix", "")  # of the networks' Triton model names
+    return all((out / f"{prefix}{name}" / "1" / entry["file"]).is_file()
                for name, entry in manifest.get("models", {}).items())

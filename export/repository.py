@@ -179,7 +179,8 @@ def _write_repository(build: Builder, keys: _Keys, served: dict[str, Path],
             "weights": report.weights,
             "backend": options.triton.backend, "requested_backend": keys.requested,
             "tensorrt": keys.trt_info, "options": asdict(options), "versions": keys.versions,
-            "models": entries, "model_config": MODEL_CONFIG, "schedule": SCHEDULE,
+            "models": entries, "name_prefix": options.triton.name_prefix,
+            "model_config": MODEL_CONFIG, "schedule": SCHEDULE,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -253,7 +254,7 @@ def _carry_over(out: Path, tmp: Path) -> None:
 def _write_model_dir(repo: Path, spec: ExportSpec, triton: TritonOptions, served: Path) -> None:
     """`<repo>/<network>/config.pbtxt` and `1/` with the file its backend loads. The Python
     backend's model.py imports the installed package (export.python_backend)."""
-    folder = repo / spec.name
+    folder = repo / f"{triton.name_prefix}{spec.name}"
     version = folder / "1"
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(model_config(spec, triton))

@@ -19,6 +19,7 @@ binary of the `nvidia-pytriton` wheel).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -46,8 +47,14 @@ class TritonOptions:
     # KIND_GPU instances only on these GPUs (() : on every GPU). A TensorRT plan runs only on
     # the GPU model that built it: the build lists the GPUs of that model.
     gpus: tuple[int, ...] = ()
+    # Put before each network's Triton model name ("emoji_" -> emoji_unet), so that several
+    # models' repositories can be served by one Triton without two models of one name.
+    name_prefix: str = ""
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"([a-z0-9][a-z0-9-]*_)?", self.name_prefix):
+            raise ValueError(f"name_prefix {self.name_prefix!r}: lower-case letters, digits and "
+                             "dashes, ending with '_' (or empty)")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r} (allowed: {list(BACKENDS)})")
         if self.device not in DEVICES:
@@ -144,7 +151,7 @@ def network_config(spec: ExportSpec, options: TritonOptions):
     """The ModelConfig of `spec` served by `options.backend`."""
     batched = spec.max_batch_size > 0
     backend, platform = _PLATFORMS[options.backend]
-    cfg = base_config(spec.name, backend=backend, platform=platform,
+    cfg = base_config(options.name_prefix + spec.name, backend=backend, platform=platform,
                       max_batch_size=spec.max_batch_size if batched else 0,
                       instances=options.instances, kind=options.instance_kind,
                       parameters=_thread_parameters(spec, options), gpus=options.gpus)

@@ -4,9 +4,9 @@
         --out checkpoints/demo --dtype float16
 
 Writes `OUT/ldm` (the text-to-image model) and `OUT/autoencoder` (the first stage alone,
-without its training loss), both in our safetensors format. `--first-stage` swaps in an
-autoencoder whose decoder was fine-tuned with a frozen encoder; its encoder must equal the
-one the LDM was trained on, which is checked (same latent space). Weights stored as fp16
+without its training loss; `--no-autoencoder` leaves this copy out), both in our safetensors
+format. `--first-stage` swaps in an autoencoder whose decoder was fine-tuned with a frozen
+encoder; its encoder must equal the one the LDM was trained on, which is checked (same latent space). Weights stored as fp16
 are loaded back into fp32 modules; evaluate the packed files, since they are what ships.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ldm.pretrained import load_pretrained, save_pretrained
 
 
 def pack(ldm_dir: str, out: str, first_stage_dir: str | None = None,
-         dtype: torch.dtype = torch.float32) -> None:
+         dtype: torch.dtype = torch.float32, autoencoder: bool = True) -> None:
     model = load_pretrained(ldm_dir)
     cfg = model.config
     if first_stage_dir:
@@ -44,8 +44,9 @@ def pack(ldm_dir: str, out: str, first_stage_dir: str | None = None,
     packed.load_state_dict(state, strict=True)
     packed.to(dtype)
     save_pretrained(f"{out}/ldm", packed, "ldm", cfg)
-    ae_cfg = cfg.first_stage
-    save_pretrained(f"{out}/autoencoder", packed.first_stage_model, "autoencoder", ae_cfg)
+    if autoencoder:  # a copy of the first stage, for tools that take an autoencoder folder
+        ae_cfg = cfg.first_stage
+        save_pretrained(f"{out}/autoencoder", packed.first_stage_model, "autoencoder", ae_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-stage", help="autoencoder folder whose weights replace the LDM's")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--no-autoencoder", action="store_true",
+                   help="write OUT/ldm only (ldm.evaluate autoencoder reads an LDM's first "
+                        "stage, so the copy is only for size-insensitive tools)")
     args = p.parse_args(argv)
     try:
-        pack(args.ldm, args.out, args.first_stage, getattr(torch, args.dtype))
+        pack(args.ldm, args.out, args.first_stage, getattr(torch, args.dtype),
+             not args.no_autoencoder)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,17 +8,28 @@ how the pipeline runs the networks: `--networks onnxruntime|openvino|torch|bls` 
 process on OpenVINO for the python backend, else BLS) and `--precision fp32|bf16|fp16|auto`
 (default auto: OpenVINO bf16 where the CPU has it, torch fp16 on a GPU). The graphs are
 checked against PyTorch on the runtime and precision that will run them; `torch` writes the
-networks' PyTorch weights too (`pytorch/`). The launcher runs this in a
-child process, so the export's peak memory is returned to the system before Triton loads.
+networks' PyTorch weights too (`pytorch/`). `--name NAME` names the served model: its
+pipeline models are NAME_txt2img(_stream) and its networks NAME_unet..., so repositories of
+several names are served by one Triton (`python -m server --model NAME=CHECKPOINT`). The
+launcher runs this in a child process, so the export's peak memory is returned to the system
+before Triton loads.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from export import build_engines
-from server.contract import NETWORK_MODES, PRECISIONS, ServingOptions
+from server.contract import (
+    DEFAULT_NAME,
+    NAME_PATTERN,
+    NETWORK_MODES,
+    PRECISIONS,
+    ServingOptions,
+    network_prefix,
+)
 from server.pipeline_facts import default_networks
 
 
@@ -27,13 +38,20 @@ def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     p = argparse.ArgumentParser(prog="python -m server.build", add_help=False)
     p.add_argument("--networks", choices=NETWORK_MODES, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
-    return p.parse_known_args(argv)
+    p.add_argument("--name", default=DEFAULT_NAME,
+                   help="the served model's name: <name>_txt2img, its networks <name>_unet... "
+                        f"(default {DEFAULT_NAME}: plain network names)")
+    own, rest = p.parse_known_args(argv)
+    if not re.fullmatch(NAME_PATTERN, own.name):
+        p.error(f"--name {own.name!r}: lower-case letters, digits and dashes")
+    return own, rest
 
 
 def main(argv: list[str] | None = None) -> int:
     own, rest = pipeline_args(sys.argv[1:] if argv is None else argv)
+    rest = [*rest, "--name-prefix", network_prefix(own.name)]
     args = build_engines.parse_args(rest)
-    chosen = {k: v for k, v in vars(own).items() if v is not None}
+    chosen = {k: v for k, v in vars(own).items() if v is not None and k != "name"}
     serving = {**default_networks(args.backend, chosen), **chosen}
     try:  # refused before exporting, as the pipeline models would refuse it after
         ServingOptions(**serving)
@@ -50,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.repository import PipelineOptions, assemble
 
     try:
-        names = assemble(args.out, PipelineOptions(serving=serving))
+        names = assemble(args.out, PipelineOptions(name=own.name, serving=serving))
     except (ValueError, FileNotFoundError) as e:
         print(f"server.build: error: {e}", file=sys.stderr)
         return 1

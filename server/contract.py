@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -24,8 +25,37 @@ from server.pipeline_info import PIPELINE_FILE, NetworkTarget, PipelineInfo
 
 # --- names ---------------------------------------------------------------------------------
 
-PIPELINE_MODELS: tuple[str, ...] = ("ldm_txt2img", "ldm_txt2img_stream")
+# A served model's name N (the id the API's `model` field picks) makes its Triton models:
+# `N_txt2img` (one response), `N_txt2img_stream` (decoupled: progress, then the images) and
+# its networks `N_text_encoder`, `N_unet`, `N_vae_decoder`. The default name keeps the plain
+# network names it always had (`text_encoder`, ...).
+DEFAULT_NAME = "ldm"
+NAME_PATTERN = r"[a-z0-9][a-z0-9-]*"
+FRONT_SUFFIX, STREAM_SUFFIX = "_txt2img", "_txt2img_stream"
+PIPELINE_MODELS: tuple[str, ...] = ("ldm_txt2img", "ldm_txt2img_stream")  # the default's
 STREAMING: dict[str, bool] = {"ldm_txt2img": False, "ldm_txt2img_stream": True}
+
+
+def pipeline_names(name: str = DEFAULT_NAME) -> tuple[str, str]:
+    """(front, streaming) Triton model names of the served model `name`."""
+    return f"{name}{FRONT_SUFFIX}", f"{name}{STREAM_SUFFIX}"
+
+
+def network_prefix(name: str = DEFAULT_NAME) -> str:
+    """What goes before the served model's network names ("" for the default)."""
+    return "" if name == DEFAULT_NAME else f"{name}_"
+
+
+def is_streaming(model: str) -> bool:
+    return model.endswith(STREAM_SUFFIX)
+
+
+def served_name(model: str) -> str | None:
+    """The served model's name of a pipeline model's Triton name (None for other models)."""
+    for suffix in (STREAM_SUFFIX, FRONT_SUFFIX):
+        if model.endswith(suffix) and re.fullmatch(NAME_PATTERN, model[:-len(suffix)]):
+            return model[:-len(suffix)]
+    return None
 NETWORKS: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # what the loop calls
 ALPHAS_FILE = "alphas_cumprod.npy"
 TOKENIZER_DIR = "tokenizer"
@@ -358,9 +388,10 @@ def _size(name: str, value: int | None, limits: Limits) -> int:
     return value
 
 
-__all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "INPUTS", "KNOWN_SAMPLERS", "MAX_SEED", "NETWORKS",
-           "NETWORK_MODES", "OUTPUTS", "PRECISIONS", "PIPELINE_FILE", "PIPELINE_MODELS",
-           "PREVIEW_MODES", "PROGRESS_OUTPUTS", "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS",
-           "TOKENIZER_DIR", "GenerationRequest", "InvalidRequest", "Limits", "NetworkTarget",
-           "PipelineInfo", "ServingOptions", "check_parameters", "config_parameters",
-           "parse_request"]
+__all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "DEFAULT_NAME", "FRONT_SUFFIX", "INPUTS",
+           "KNOWN_SAMPLERS", "MAX_SEED", "NAME_PATTERN", "NETWORKS", "NETWORK_MODES", "OUTPUTS",
+           "PIPELINE_FILE", "PIPELINE_MODELS", "PRECISIONS", "PREVIEW_MODES", "PROGRESS_OUTPUTS",
+           "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS", "STREAM_SUFFIX", "TOKENIZER_DIR",
+           "GenerationRequest", "InvalidRequest", "Limits", "NetworkTarget", "PipelineInfo",
+           "ServingOptions", "check_parameters", "config_parameters", "is_streaming",
+           "network_prefix", "parse_request", "pipeline_names", "served_name"]

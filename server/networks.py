@@ -23,6 +23,8 @@ import torch
 from server.contract import (
     ALPHAS_FILE,
     NETWORKS,
+    PIPELINE_FILE,
+    STREAM_SUFFIX,
     TOKENIZER_DIR,
     PipelineInfo,
     ServingOptions,
@@ -122,9 +124,20 @@ def local_service(repository: str | Path, options: ServingOptions, threads: int 
     """What the served streaming model runs, with the networks `options.networks` runs in
     this process: for benchmarks and checks outside Triton."""
     device = loop_device(options)
-    return served_loop(Path(repository) / "ldm_txt2img_stream" / "1",
+    return served_loop(stream_model_dir(repository) / "1",
                        lambda info: local_networks(repository, info, options, threads, device),
                        options, batcher, device)
+
+
+def stream_model_dir(repository: str | Path) -> Path:
+    """The repository's streaming pipeline model (<name>_txt2img_stream), the one that runs
+    the loop."""
+    found = sorted(p for p in Path(repository).iterdir()
+                   if p.name.endswith(STREAM_SUFFIX) and (p / "1" / PIPELINE_FILE).is_file())
+    if len(found) != 1:
+        raise FileNotFoundError(f"{repository}: expected one *{STREAM_SUFFIX} pipeline model, "
+                                f"found {[p.name for p in found]}")
+    return found[0]
 
 
 def loop_device(options: ServingOptions, instance_gpu: int | None = None) -> torch.device:

@@ -2,6 +2,12 @@
 
     python -m server.repository model_repository        # after export/build_engines.py
     assemble(Path("model_repository"), PipelineOptions(instances=2))
+    assemble(Path("emoji_repository"), PipelineOptions(name="emoji"))  # emoji_txt2img, ...
+
+A repository is one served model, named by `PipelineOptions.name` (default `ldm`): its
+pipeline models are `<name>_txt2img` and `<name>_txt2img_stream`, and its networks carry the
+prefix the export gave them (`--name-prefix emoji_`: `emoji_unet`; the default name's are
+plain). Several repositories of different names are served by one Triton.
 
 The serving side's step on top of what export/build_engines.py writes: it reads only the
 repository (`manifest.json`: the networks' tensors and profiles; `model_config.yaml`: the
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -39,18 +46,23 @@ from export.manifest import TORCH_WEIGHTS, read_manifest
 from export.triton_config import base_config, config_text, tensor_config
 from server.contract import (
     ALPHAS_FILE,
+    DEFAULT_NAME,
     INPUTS,
+    NAME_PATTERN,
     NETWORKS,
     OUTPUTS,
     PIPELINE_MODELS,
     PROGRESS_OUTPUTS,
     REQUIRED_INPUTS,
-    STREAMING,
     TOKENIZER_DIR,
     Limits,
     NetworkTarget,
     PipelineInfo,
     ServingOptions,
+    is_streaming,
+    network_prefix,
+    pipeline_names,
+    served_name,
 )
 from server.pipeline_facts import default_limits, default_networks, large_model_caps
 
@@ -63,7 +75,8 @@ SCHEDULE = "alphas_cumprod.npy"  # export.repository.SCHEDULE
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    models: tuple[str, ...] = PIPELINE_MODELS  # which of them to write (both are needed)
+    name: str = DEFAULT_NAME  # the served model's name: <name>_txt2img, <name>_txt2img_stream
+    models: tuple[str, ...] = ()  # which of those to write (both are needed); (): both
     # Instances of `ldm_txt2img`, the thin front (its threads wait on BLS). The streaming
     # model, which holds the networks, always has one: the weights are resident once.
     instances: int = 1
@@ -72,12 +85,17 @@ class PipelineOptions:
     # and `precision` default to default_networks(backend)
 
     def __post_init__(self) -> None:
-        bad = [n for n in self.models if n not in PIPELINE_MODELS]
+        if not re.fullmatch(NAME_PATTERN, self.name):
+            raise ValueError(f"model name {self.name!r}: lower-case letters, digits and dashes")
+        names = pipeline_names(self.name)
+        if not self.models:
+            object.__setattr__(self, "models", names)
+        bad = [n for n in self.models if n not in names]
         if bad:
-            raise ValueError(f"unknown pipeline model(s) {bad}; allowed: {list(PIPELINE_MODELS)}")
-        if "ldm_txt2img_stream" not in self.models:
-            raise ValueError("ldm_txt2img passes its requests to ldm_txt2img_stream (the model "
-                             "that holds the networks): write both")
+            raise ValueError(f"unknown pipeline model(s) {bad}; allowed: {list(names)}")
+        if names[1] not in self.models:
+            raise ValueError(f"{names[0]} passes its requests to {names[1]} (the model that "
+                             "holds the networks): write both")
         if self.instances < 1:
             raise ValueError(f"pipeline instances must be >= 1, got {self.instances}")
 
@@ -95,6 +113,7 @@ class Built:
                                     "(python export/build_engines.py --out ...)")
         self.backend: str = manifest["backend"]
         self.networks: dict[str, dict] = manifest["models"]
+        self.prefix: str = manifest.get("name_prefix", "")  # of the networks' model names
         data = yaml.safe_load((self.repo / manifest.get("model_config", MODEL_CONFIG))
                               .read_text())
         self.config = from_dict(LDMConfig, data["config"])
@@ -107,7 +126,8 @@ class Built:
 
     def network_bytes(self, name: str) -> int:
         """Bytes of the files a network's model serves (its weights, nearly all)."""
-        return sum(f.stat().st_size for f in (self.repo / name / "1").iterdir() if f.is_file())
+        folder = self.repo / f"{self.prefix}{name}" / "1"
+        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
     @cached_property
     def tokenizer(self):
@@ -118,8 +138,8 @@ class Built:
 
     @cached_property
     def pipeline_info(self) -> PipelineInfo:
-        targets = {name: _target(name, self.networks[name], self.backend != "tensorrt")
-                   for name in NETWORKS}
+        targets = {name: _target(self.prefix + name, self.networks[name],
+                                 self.backend != "tensorrt") for name in NETWORKS}
         cfg = self.config
         return PipelineInfo(
             latent_channels=cfg.unet.in_channels,
@@ -152,11 +172,16 @@ def assemble(repo: Path, options: PipelineOptions = PipelineOptions()) -> list[s
     if not built.config.cond_stage.use_tokenizer:
         raise ValueError("the pipeline needs a text encoder with a tokenizer (BERTEmbedder "
                          "or FrozenCLIPEmbedder with use_tokenizer=true)")
+    if built.prefix != network_prefix(options.name):
+        raise ValueError(f"{repo}: its networks are named {built.prefix or '(no prefix)'}"
+                         f"unet..., the served model {options.name!r} needs "
+                         f"{network_prefix(options.name) or '(no prefix)'}unet...: build it "
+                         f"with --name {options.name} (python -m server.build)")
     limits = default_limits(built.config, built.networks, options.limits)
     serving = _serving_options(built, options.serving)
     for name in options.models:
         _write_model(built, name, limits, serving,
-                     1 if STREAMING[name] else options.instances)
+                     1 if is_streaming(name) else options.instances)
     log.info("wrote pipeline models %s (sizes %s, up to %d images, %d steps)",
              list(options.models), list(limits.sizes), limits.max_images, limits.max_steps)
     return list(options.models)
@@ -184,7 +209,8 @@ def _write_model(built: Built, name: str, limits: Limits, serving: ServingOption
     try:
         version = tmp / "1"
         version.mkdir()
-        shutil.copy2(TEMPLATES / name / "model.py", version / "model.py")
+        template = PIPELINE_MODELS[1] if is_streaming(name) else PIPELINE_MODELS[0]
+        shutil.copy2(TEMPLATES / template / "model.py", version / "model.py")
         built.tokenizer.save(version / TOKENIZER_DIR)
         np.save(version / ALPHAS_FILE, built.alphas_cumprod)
         built.pipeline_info.save(version)
@@ -205,10 +231,10 @@ def pipeline_config(name: str, limits: Limits, serving: ServingOptions, instance
                       parameters={**limits.to_parameters(), **serving.to_parameters()})
     cfg.input.extend(tensor_config(n, dtype, [1], optional=n not in REQUIRED_INPUTS)
                      for n, (dtype, _) in INPUTS.items())
-    outputs = {**(PROGRESS_OUTPUTS if STREAMING[name] else {}), **OUTPUTS}
+    outputs = {**(PROGRESS_OUTPUTS if is_streaming(name) else {}), **OUTPUTS}
     cfg.output.extend(tensor_config(n, dtype, dims, output=True)
                       for n, (dtype, dims) in outputs.items())
-    if STREAMING[name]:
+    if is_streaming(name):
         cfg.model_transaction_policy.decoupled = True
     return cfg
 
@@ -233,22 +259,32 @@ def served_models(repo: Path, components: bool = False) -> tuple[str, ...]:
     component models too would hold every weight a second time."""
     repo = Path(repo)
     every = tuple(sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()))
-    pipeline = tuple(m for m in PIPELINE_MODELS if m in every)
+    # Front before stream, as pipeline_names gives them.
+    pipeline = tuple(sorted((m for m in every if served_name(m)), key=is_streaming))
     if components or not pipeline:
         return every
     _, serving, _ = read_pipeline_config(repo / pipeline[-1])
     return every if serving.networks == "bls" else pipeline
 
 
+def repository_name(repo: Path) -> str:
+    """The served model's name a built repository's networks were named for."""
+    manifest = read_manifest(Path(repo)) or {}
+    prefix = manifest.get("name_prefix", "")
+    return prefix[:-1] if prefix else DEFAULT_NAME
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.repository",
                                 description=__doc__.split("\n")[0])
     p.add_argument("repository", type=Path, help="a repository export/build_engines.py wrote")
-    p.add_argument("--instances", type=int, default=1, help="instances of ldm_txt2img")
+    p.add_argument("--instances", type=int, default=1, help="instances of <name>_txt2img")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        names = assemble(args.repository, PipelineOptions(instances=args.instances))
+        options = PipelineOptions(name=repository_name(args.repository),
+                                  instances=args.instances)
+        names = assemble(args.repository, options)
     except (ValueError, FileNotFoundError) as e:
         print(f"server.repository: error: {e}", file=sys.stderr)
         return 1

@@ -54,3 +54,9 @@ def test_decoder_swap_requires_the_same_encoder(trained):
     save_pretrained(tmp / "ae_bad", ae, "autoencoder", dataclasses.replace(cfg))
     assert main(["--ldm", str(tmp / "ldm"), "--first-stage", str(tmp / "ae_bad"),
                  "--out", str(tmp / "out2")]) == 2
+
+
+def test_the_autoencoder_copy_can_be_left_out(trained):
+    _, tmp = trained
+    assert main(["--ldm", str(tmp / "ldm"), "--out", str(tmp / "slim"), "--no-autoencoder"]) == 0
+    assert [p.name for p in (tmp / "slim").iterdir()] == ["ldm"]

@@ -53,9 +53,9 @@ def lr_lambda(cfg: OptimConfig, max_steps: int | Callable[[], int]):
 
 class TimeBudget:
     """Fits a run into `seconds` (train.max_minutes, counted over resumes): once the speed is
-    measured (after 20 steps and 2 % of the budget, or 10 % of it) the LR schedule's end
-    becomes the step the budget reaches, at most max_steps. Measured once, because moving the
-    end of a cosine schedule moves the learning rate."""
+    measured (after 20 steps and 5 % of the budget, or 10 % of it: early steps are noisy)
+    the LR schedule's end becomes the step the budget reaches, at most max_steps. Measured
+    once, because moving the end of a cosine schedule moves the learning rate."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -68,7 +68,7 @@ class TimeBudget:
         if self.settled:
             return None
         done, spent = step - first, time.time() - t0
-        if not ((done >= 20 and spent >= 0.02 * self.seconds) or spent >= 0.1 * self.seconds):
+        if not ((done >= 20 and spent >= 0.05 * self.seconds) or spent >= 0.1 * self.seconds):
             return None
         self.settled = True
         self.rate = done / max(spent, 1e-9)

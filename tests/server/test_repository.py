@@ -39,16 +39,17 @@ def specs(model):
 
 
 def write_built(out: Path, model, specs, backend: str = "python",
-                networks=NETWORKS, unet_bytes: int = 1000) -> Path:
+                networks=NETWORKS, unet_bytes: int = 1000, prefix: str = "") -> Path:
     """The files export/repository.py leaves in `out` that the pipeline step reads."""
     out.mkdir(parents=True, exist_ok=True)
     for name in networks:
-        (out / name / "1").mkdir(parents=True)
-        (out / name / "config.pbtxt").write_text(f'name: "{name}"\n')
-        (out / name / "1" / "model.onnx").write_bytes(b"\0" * (unet_bytes if name == "unet"
-                                                               else 10))
+        folder = out / f"{prefix}{name}"
+        (folder / "1").mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(f'name: "{prefix}{name}"\n')
+        (folder / "1" / "model.onnx").write_bytes(b"\0" * (unet_bytes if name == "unet"
+                                                           else 10))
     manifest = {"backend": backend, "model_config": "model_config.yaml",
-                "schedule": "alphas_cumprod.npy",
+                "schedule": "alphas_cumprod.npy", "name_prefix": prefix,
                 "models": {name: spec_summary(specs[name]) for name in networks}}
     np.save(out / "alphas_cumprod.npy", model.alphas_cumprod.numpy())
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -278,3 +279,22 @@ def test_build_takes_the_pipeline_arguments_and_refuses_a_precision_they_do_not_
                  "onnxruntime", "--precision", "bf16"]) == 2
     assert "precision bf16 is not one networks=onnxruntime runs" in capsys.readouterr().err
     assert not out.exists()  # refused before exporting
+
+
+def test_a_named_model_prefixes_its_pipeline_and_network_models(model, specs, tmp_path):
+    from server.repository import repository_name, served_models
+
+    out = write_built(tmp_path / "emoji", model, specs, prefix="emoji_")
+    assert repository_name(out) == "emoji"
+    assert assemble(out, PipelineOptions(name="emoji")) == ["emoji_txt2img",
+                                                            "emoji_txt2img_stream"]
+    info = PipelineInfo.load(out / "emoji_txt2img_stream" / "1")
+    assert info.unet.model == "emoji_unet" and info.unet.onnx == "emoji_unet/1/model.onnx"
+    cfg = read_config(out / "emoji_txt2img_stream" / "config.pbtxt")
+    assert cfg.name == "emoji_txt2img_stream" and cfg.model_transaction_policy.decoupled
+    assert served_models(out) == ("emoji_txt2img", "emoji_txt2img_stream")
+    # The networks were named for "emoji": served under another name they would clash.
+    with pytest.raises(ValueError, match="build it with --name shapes"):
+        assemble(out, PipelineOptions(name="shapes"))
+    with pytest.raises(ValueError, match="model name 'Bad_Name'"):
+        PipelineOptions(name="Bad_Name")

@@ -25,13 +25,13 @@ def test_the_budget_sets_the_horizon_once_from_the_measured_speed(monkeypatch):
     budget = TimeBudget(1000.0)
     now = [100.0]
     monkeypatch.setattr("ldm.training.schedule.time.time", lambda: now[0])
-    now[0] = 110.0  # 10 s for 10 steps: too early (under 20 steps and 2 % of the budget)
-    assert budget.horizon(10, 0, 100.0, 10.0, 10**6) is None
-    now[0] = 125.0  # 25 steps in 25 s: 1 step/s, 975 s left
-    assert budget.horizon(25, 0, 100.0, 25.0, 10**6) == 25 + int(975 * 0.98)
-    assert budget.horizon(30, 0, 100.0, 30.0, 10**6) is None  # measured once
+    now[0] = 140.0  # 40 steps in 40 s: too early (under 5 % of the budget)
+    assert budget.horizon(40, 0, 100.0, 40.0, 10**6) is None
+    now[0] = 160.0  # 60 steps in 60 s: 1 step/s, 940 s left
+    assert budget.horizon(60, 0, 100.0, 60.0, 10**6) == 60 + int(940 * 0.98)
+    assert budget.horizon(70, 0, 100.0, 70.0, 10**6) is None  # measured once
     capped = TimeBudget(1000.0)
-    assert capped.horizon(25, 0, 100.0, 25.0, 500) == 500  # never past max_steps
+    assert capped.horizon(60, 0, 100.0, 60.0, 500) == 500  # never past max_steps
 
 
 def test_the_cosine_schedule_ends_at_a_moving_horizon():

@@ -1,4 +1,5 @@
-"""Triton Python-backend model `ldm_txt2img`: one prompt in, N uint8 images out.
+"""Triton Python-backend model `<name>_txt2img` (`ldm_txt2img` for the default name): one
+prompt in, N uint8 images out.
 
 A thin front for `ldm_txt2img_stream`, the model that holds the networks: each request goes
 on to it through BLS (decoupled) with the request parameter `progress: none`, and its final
@@ -35,7 +36,6 @@ from server.contract import (
     config_parameters,
 )
 
-TARGET = "ldm_txt2img_stream"
 OUTPUTS = list(OUTPUT_SPECS)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -59,7 +59,9 @@ class TritonPythonModel:
         # Twice the target's slots: requests waiting here are cheap, and the target queues.
         options = ServingOptions.from_parameters(params)
         self.limits = Limits.from_parameters(params)
-        self.pool = RequestPool(2 * options.max_concurrent, "ldm_txt2img")
+        # <name>_txt2img passes its requests to <name>_txt2img_stream (server.contract).
+        self.target = args["model_name"] + "_stream"
+        self.pool = RequestPool(2 * options.max_concurrent, args["model_name"])
         # request_id -> [the client's request, or None once answered]; with `lock` held, so
         # the watcher never asks a request that has been answered: Triton 2.51 frees its
         # response factory with the final response, and is_cancelled() then segfaults.
@@ -91,7 +93,7 @@ class TritonPythonModel:
         request_id = uuid.uuid4().hex
         tensors = [pb_utils.Tensor(name, array) for name, array in req.to_inputs().items()]
         bls = pb_utils.InferenceRequest(
-            model_name=TARGET, inputs=tensors, requested_output_names=OUTPUTS,
+            model_name=self.target, inputs=tensors, requested_output_names=OUTPUTS,
             parameters={"progress": "none", "request_id": request_id})
         entry = [request]
         with self.lock:
@@ -114,7 +116,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - becomes this request's error
             final = pb_utils.InferenceResponse(error=_error(f"internal error: {e}", "INTERNAL"))
         if final is None:
-            final = pb_utils.InferenceResponse(error=_error(f"{TARGET} sent no images",
+            final = pb_utils.InferenceResponse(error=_error(f"{self.target} sent no images",
                                                             "INTERNAL"))
         return final
 
@@ -135,7 +137,7 @@ class TritonPythonModel:
     def cancel(self, request_id):
         """Ask the target to stop request `request_id` (see the module docstring)."""
         prompt = pb_utils.Tensor("prompt", np.array([b""], dtype=np.object_))
-        message = pb_utils.InferenceRequest(model_name=TARGET, inputs=[prompt],
+        message = pb_utils.InferenceRequest(model_name=self.target, inputs=[prompt],
                                             requested_output_names=OUTPUTS,
                                             parameters={"cancel": request_id})
         for _ in message.exec(decoupled=True):

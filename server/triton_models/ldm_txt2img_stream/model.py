@@ -1,4 +1,5 @@
-"""Triton Python-backend model `ldm_txt2img_stream` (decoupled): progress, then images.
+"""Triton Python-backend model `<name>_txt2img_stream` (`ldm_txt2img_stream` for the default
+name; decoupled): progress, then images.
 
 The one model that holds the networks; `ldm_txt2img` passes its requests on to this one.
 Sends one response per sampler step (`step`, `total` and a low-resolution `preview`), then a
@@ -40,7 +41,7 @@ def request_parameters(request) -> dict:
 class TritonPythonModel:
     def initialize(self, args):
         self.service, self.limits, options = bls.load_service(args)
-        self.pool = RequestPool(options.max_concurrent, "ldm_txt2img_stream")
+        self.pool = RequestPool(options.max_concurrent, args["model_name"])
         self.cancelled: dict[str, float] = {}  # request_id -> when the cancel came
         self.lock = threading.Lock()
 
