@@ -2,6 +2,11 @@
 
     python -m server --checkpoint checkpoints/demo/ldm --port 8080
     python -m server --checkpoint model.ckpt --compvis-config txt2img-1p4B-eval.yaml
+    python -m server --name shapes --model emoji=checkpoints/emoji/ldm   # two models
+
+Several models are served at once: the main one (`--checkpoint`, `--name`, the default of
+requests that name none) and each `--model NAME=CHECKPOINT`, each in a repository of its own
+(server/served.py), all in one Triton; the gateway finds them there (GET /v1/models).
 
 1. build the Triton repository from the checkpoint (ours, or a CompVis release file with
    --compvis-config), or reuse it when its manifest says it is up to date
@@ -24,19 +29,31 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server.contract import NETWORK_MODES, PRECISIONS
+from server.contract import (
+    DEFAULT_NAME,
+    NETWORK_MODES,
+    PRECISIONS,
+    is_streaming,
+    pipeline_names,
+)
+from server.served import (  # noqa: F401 - resolve_checkpoint: public here too
+    DEFAULT_CHECKPOINT,
+    ServedModel,
+    ensure_repository,
+    model_argument,
+    resolve_checkpoint,
+    served_models_of,
+)
 from server.triton import TritonServer, add_port_arguments
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path("checkpoints/demo/ldm")
 
 
 class Shutdown(Exception):
@@ -107,17 +124,18 @@ class TritonWatchdog:
         return self._wedged(server)
 
     def _wedged(self, server: TritonServer) -> bool:
-        """Probe the pipeline every `probe_every` s; two unanswered probes: wedged."""
-        if "ldm_txt2img_stream" not in self.expected_stubs:
-            return False
+        """Probe each streaming pipeline every `probe_every` s; two unanswered probes in a
+        row: wedged."""
+        streams = sorted(m for m in self.expected_stubs if is_streaming(m))
         now = time.monotonic()
-        if now < self._next_probe:
+        if not streams or now < self._next_probe:
             return False
         self._next_probe = now + self.probe_every
-        self._missed = 0 if server.answers_probe(timeout=self.probe_timeout) else self._missed + 1
+        silent = [m for m in streams if not server.answers_probe(m, timeout=self.probe_timeout)]
+        self._missed = self._missed + 1 if silent else 0
         if self._missed >= 2:
-            log.error("ldm_txt2img_stream answered no health probe for %d tries: its stub is "
-                      "wedged; restarting tritonserver", self._missed)
+            log.error("%s answered no health probe for %d tries: its stub is wedged; "
+                      "restarting tritonserver", ", ".join(silent), self._missed)
             self._missed = 0
             return True
         return False
@@ -159,81 +177,24 @@ class TritonWatchdog:
         return self.server.stop() if self.server is not None else None
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> None:
-    """--checkpoint left out: the repository's own checkpoint when it has a manifest (so a
-    repository built from a user's model is never rebuilt from the demo), else the demo."""
-    if args.checkpoint is not None:
-        return
-    from export.manifest import read_manifest  # light: json and hashlib only
-
-    built = (read_manifest(args.repository) or {}).get("checkpoint") or {}
-    if built.get("path"):
-        args.checkpoint = Path(built["path"])
-        if args.compvis_config is None and built.get("compvis_config"):
-            args.compvis_config = Path(built["compvis_config"])
-        log.info("serving %s, built from %s", args.repository, args.checkpoint)
-    else:
-        args.checkpoint = DEFAULT_CHECKPOINT
-
-
-def ensure_repository(args: argparse.Namespace) -> None:
-    """Build or reuse `args.repository` from `args.checkpoint` (server/build.py, in a
-    process of its own: its peak memory, a model's weights and more, is returned to the
-    system before Triton loads, and this process stays small while it serves)."""
-    resolve_checkpoint(args)
-    manifest = args.repository / "manifest.json"
-    if args.no_export or not args.checkpoint.exists():
-        if not manifest.is_file():
-            why = ("--no-export" if args.no_export
-                   else f"checkpoint {args.checkpoint} not found")
-            raise SystemExit(f"error: {why}, and {args.repository} holds no built repository "
-                             "(train one, or pass --checkpoint)")
-        if not args.no_export:
-            log.warning("checkpoint %s not found: serving %s as it is", args.checkpoint,
-                        args.repository)
-        if not (args.repository / "ldm_txt2img_stream" / "config.pbtxt").is_file():
-            _child(["server.repository", str(args.repository)], args.repository)
-        return
-    if args.checkpoint.is_file() and args.compvis_config is None:
-        raise SystemExit(f"error: --checkpoint {args.checkpoint} is a file: a CompVis "
-                         ".ckpt/.safetensors needs --compvis-config")
-    argv = ["--checkpoint", str(args.checkpoint), "--out", str(args.repository),
-            "--backend", args.backend, "--work-dir", str(args.work_dir), "--quiet",
-            "--keep-builds", str(args.keep_builds)]
-    if args.compvis_config is not None:
-        argv += ["--compvis-config", str(args.compvis_config)]
-    for flag in ("networks", "precision"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", getattr(args, flag)]
-    argv += ["--unsafe-allow-pickle"] * args.unsafe_allow_pickle + ["--replace"] * args.replace
-    print(f"checking the Triton repository {args.repository} against {args.checkpoint} "
-          "(exports only what changed)", flush=True)
-    _child(["server.build", *argv], args.repository)
-
-
-def _child(module_argv: list[str], repository: Path) -> None:
-    """`python -m <module_argv>` in a process of its own; exit when it fails."""
-    code = subprocess.call([sys.executable, "-m", *module_argv])
-    if code != 0:
-        raise SystemExit(f"error: could not build {repository} (see above)")
-
-
 class Launcher:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.watchdog: TritonWatchdog | None = None
         self.gateway = None
+        self.models: list[ServedModel] = []
         self.log_path: Path | None = args.triton_log
 
     def make_triton(self) -> TritonServer:
         from server.repository import served_models
 
         a = self.args
-        server = TritonServer(a.repository, http_port=a.triton_http_port,
+        repos = [m.repository for m in self.models]
+        loaded = tuple(n for r in repos for n in served_models(r, a.component_models))
+        server = TritonServer(repos, http_port=a.triton_http_port,
                               grpc_port=a.triton_grpc_port, metrics_port=a.triton_metrics_port,
                               host=a.triton_host, log_path=self.log_path,
-                              tritonserver=a.tritonserver,
-                              models=served_models(a.repository, a.component_models))
+                              tritonserver=a.tritonserver, models=loaded)
         return server
 
     def run(self) -> int:
@@ -247,21 +208,26 @@ class Launcher:
             log.warning("API keys are on, but Triton listens on %s: its HTTP and gRPC ports "
                         "take requests without a key. Keep Triton on 127.0.0.1 (the default) "
                         "or firewall its ports.", a.triton_host)
-        ensure_repository(a)
+        self.models = served_models_of(a)
+        for model in self.models:
+            ensure_repository(a, model)
         print("starting tritonserver (loading the models)...", flush=True)
         self.watchdog = TritonWatchdog(self.make_triton, max_restarts=a.max_restarts,
                                        window=a.restart_window)
         triton = self.watchdog.start()
         self.log_path = triton.log_path  # restarts append to the same log
         triton_host = "127.0.0.1" if a.triton_host in ("0.0.0.0", "") else a.triton_host
+        front, stream = pipeline_names(a.name)  # the default of requests without `model`
         settings = GatewaySettings(triton_url=f"{triton_host}:{triton.grpc_port}",
+                                   model=front, stream_model=stream,
                                    api_keys=keys, timeout=a.request_timeout)
         self.gateway = GatewayThread(create_app(settings), host=a.host, port=a.port).start()
         url = self.gateway.url
         print("\n".join([
             "ldm-serve is ready",
             f"  web UI:   {url}/",
-            f"  API:      POST {url}/v1/images/generations (+ /stream)",
+            f"  API:      POST {url}/v1/images/generations (+ /stream), models: "
+            f"{', '.join(m.name for m in self.models)} (GET {url}/v1/models)",
             f"  docs:     {url}/docs",
             f"  health:   {url}/healthz, {url}/readyz",
             f"  triton:   grpc {triton.grpc_url}, http {triton.http_url}, "
@@ -309,6 +275,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(loaded anyway when the pipeline calls them: networks=bls)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="Triton model repository to build or reuse (default: %(default)s)")
+    p.add_argument("--name", default=DEFAULT_NAME,
+                   help="the --checkpoint model's name: requests without `model` get it "
+                        "(default: %(default)s)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="serve another model beside it (repeatable), built into "
+                        "<repository>-NAME; a CompVis file as NAME=CKPT@CONFIG.yaml")
     p.add_argument("--backend", default="python",
                    help="python (the pipeline runs the networks itself, on the CPU), "
                         "onnxruntime or tensorrt")
@@ -336,7 +308,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-restarts", type=int, default=5,
                    help="Triton restarts allowed per --restart-window")
     p.add_argument("--restart-window", type=float, default=600.0, help="seconds")
-    args = p.parse_args(argv)
+    return _checked(p, p.parse_args(argv))
+
+
+def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed arguments, with --model parsed and the paths checked (p.error if not)."""
+    args.model = [model_argument(p, item) for item in args.model]
+    names = [args.name, *(n for n, _, _ in args.model)]
+    if len(set(names)) < len(names):
+        p.error(f"model names must differ: {names}")
     if args.compvis_config is not None and not args.compvis_config.is_file():
         p.error(f"--compvis-config {args.compvis_config}: no such file")
     if args.keep_builds < 1:

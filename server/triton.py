@@ -35,7 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server.shm import mapped_regions, remove_unmapped
@@ -95,7 +95,7 @@ class TritonServer:
 
     def __init__(
         self,
-        repository: str | Path,
+        repository: str | Path | Sequence[str | Path],
         *,
         http_port: int | None = None,
         grpc_port: int | None = None,
@@ -109,7 +109,10 @@ class TritonServer:
         die_with_parent: bool = True,
         models: tuple[str, ...] | None = None,
     ):
-        self.repository = Path(repository).resolve()
+        # One repository per served model (several: one Triton serves them all).
+        paths = [repository] if isinstance(repository, (str, Path)) else list(repository)
+        self.repositories = tuple(Path(r).resolve() for r in paths)
+        self.repository = self.repositories[0]
         ports = free_ports(3)
         self.http_port = http_port or ports[0]
         self.grpc_port = grpc_port or ports[1]
@@ -144,7 +147,7 @@ class TritonServer:
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
             str(install.binary),
-            f"--model-repository={self.repository}",
+            *(f"--model-repository={r}" for r in self.repositories),
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
