@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +33,7 @@ from server.client import (
     grpc_client,
     output_from_result,
 )
-from server.contract import Limits, config_parameters
+from server.contract import Limits, config_parameters, pipeline_names, served_name
 from server.errors import GatewayError, triton_error
 from server.schemas import ImageData, ImageGenerationRequest, ImageGenerationResponse, StreamRequest
 
@@ -69,18 +70,30 @@ def sse(event: str, data: dict) -> bytes:
 _END = object()  # the stream worker is done
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model Triton serves, as the API names it: `name` (the `model` field's value), its
+    front and streaming pipeline models, and its limits (their config.pbtxt parameters)."""
+
+    name: str
+    model: str
+    stream_model: str
+    limits: Limits
+
+
 class TritonBackend:
-    """The blocking Triton calls, and the thread pool they run on."""
+    """The blocking Triton calls, and the thread pool they run on. The models are found in
+    Triton's repository index: every ready `<name>_txt2img` with its `<name>_txt2img_stream`
+    (server.contract.pipeline_names); `settings.model`'s is the default."""
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.url = settings.triton_url
-        self.client = Txt2ImgClient(settings.triton_url, model=settings.model,
-                                    stream_model=settings.stream_model,
-                                    timeout=settings.timeout)
+        self.default = served_name(settings.model) or settings.model
         self.grpc = grpc_client(settings.triton_url)  # probes and plain (cancellable) requests
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="triton")
-        self._limits: tuple[float, Limits] | None = None
+        self._catalog: tuple[float, dict[str, ServedModel]] | None = None
+        self._clients: dict[str, Txt2ImgClient] = {}  # stream clients, per served model
         self._lock = threading.Lock()
 
     async def run(self, fn: Callable, *args):
@@ -88,8 +101,17 @@ class TritonBackend:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        for client in self._clients.values():
+            client.close()
         self.grpc.close()
+
+    def client(self, served: ServedModel) -> Txt2ImgClient:
+        with self._lock:
+            if served.name not in self._clients:
+                self._clients[served.name] = Txt2ImgClient(
+                    self.settings.triton_url, model=served.model,
+                    stream_model=served.stream_model, timeout=self.settings.timeout)
+            return self._clients[served.name]
 
     def readiness(self) -> str | None:
         """None when Triton and both models are ready, else why not."""
@@ -104,20 +126,44 @@ class TritonBackend:
             return f"Triton at {self.url} is unreachable: {Txt2ImgError.wrap(e)}"
         return None
 
-    def limits(self) -> Limits:
-        """The served model's limits, from its config.pbtxt parameters (cached a while)."""
+    def catalog(self) -> dict[str, ServedModel]:
+        """{name: ServedModel} of the ready pipelines, the default first (cached a while)."""
         with self._lock:
-            if self._limits is not None and time.monotonic() < self._limits[0]:
-                return self._limits[1]
+            if self._catalog is not None and time.monotonic() < self._catalog[0]:
+                return self._catalog[1]
+        t = self.settings.probe_timeout
         try:
-            cfg = self.grpc.get_model_config(self.settings.model, as_json=True,
-                                             client_timeout=self.settings.probe_timeout)
+            index = self.grpc.get_model_repository_index(as_json=True, client_timeout=t)
+            ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+            names = sorted({served_name(m) for m in ready if served_name(m)},
+                           key=lambda n: (n != self.default, n))
+            found = {}
+            for name in names:
+                front, stream = pipeline_names(name)
+                if front in ready and stream in ready:
+                    cfg = self.grpc.get_model_config(front, as_json=True, client_timeout=t)
+                    limits = Limits.from_parameters(config_parameters(cfg["config"]))
+                    found[name] = ServedModel(name, front, stream, limits)
         except Exception as e:  # noqa: BLE001
             raise triton_error(e, self.url) from e
-        limits = Limits.from_parameters(config_parameters(cfg["config"]))
         with self._lock:
-            self._limits = (time.monotonic() + self.settings.config_ttl, limits)
-        return limits
+            self._catalog = (time.monotonic() + self.settings.config_ttl, found)
+        return found
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The served model `name` picks (None: the default); 404 naming those served."""
+        catalog = self.catalog()
+        served = catalog.get(self.default if name is None else name)
+        if served is None:
+            listed = ", ".join(catalog) or "none (is Triton still loading?)"
+            what = f"model {name!r} is not served" if name else "the default model is not served"
+            raise GatewayError(404, f"{what}; models: {listed}", "invalid_request_error",
+                               "model", "model_not_found")
+        return served
+
+    def limits(self, name: str | None = None) -> Limits:
+        """The limits of the served model `name` (None: the default)."""
+        return self.resolve(name).limits
 
     async def generate(self, body: ImageGenerationRequest) -> dict:
         """The response body for `body`, from one `async_infer` call. Cancelling the task
@@ -132,10 +178,11 @@ class TritonBackend:
             with suppress(RuntimeError):  # the loop is gone: the gateway is shutting down
                 loop.call_soon_threadsafe(_settle, done, (result, error))
 
+        served = await self.run(self.resolve, body.model)
         t0 = time.perf_counter()
         inputs = build_inputs(grpcclient, body.to_request())
         call = self.grpc.async_infer(
-            self.settings.model, inputs, on_done,
+            served.model, inputs, on_done,
             outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
             client_timeout=self.settings.timeout)
         try:
@@ -147,8 +194,8 @@ class TritonBackend:
         if error is not None:
             raise triton_error(error, self.url)
         out = output_from_result(result)
-        log.info("%d image(s) of %r in %.2f s (seed %d)", len(out.images), body.prompt[:60],
-                 time.perf_counter() - t0, out.used_seed)
+        log.info("%d image(s) of %r from %s in %.2f s (seed %d)", len(out.images),
+                 body.prompt[:60], served.name, time.perf_counter() - t0, out.used_seed)
         return await self.run(response_body, out)  # PNG encoding: off the event loop
 
     def stream(self, body: StreamRequest, put: Callable[[object], None],
@@ -157,7 +204,12 @@ class TritonBackend:
 
         Stops (and cancels the Triton request) at the next event once `cancelled` is set.
         """
-        events = self.client.iter_stream(body.to_request())
+        try:
+            events = self.client(self.resolve(body.model)).iter_stream(body.to_request())
+        except Exception as e:  # noqa: BLE001 - an unknown model, Triton away: an HTTP error
+            put(e if isinstance(e, GatewayError) else triton_error(e, self.url))
+            put(_END)
+            return
         try:
             for event in events:
                 if cancelled.is_set():

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from server.contract import INPUTS, STREAM_OUTPUTS, GenerationRequest
+from server.contract import (
+    DEFAULT_NAME,
+    INPUTS,
+    STREAM_OUTPUTS,
+    GenerationRequest,
+    pipeline_names,
+)
 from server.contract import OUTPUTS as OUTPUT_SPECS
 
 # config.pbtxt data types -> tritonclient's names.
@@ -262,8 +268,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    p.add_argument("--model", default=DEFAULT_NAME,
+                   help="the served model's name: its Triton models are NAME_txt2img and "
+                        "NAME_txt2img_stream (default: %(default)s)")
     p.add_argument("--no-stream", action="store_true",
-                   help="call ldm_txt2img (no progress bar) instead of ldm_txt2img_stream")
+                   help="call NAME_txt2img (no progress bar) instead of NAME_txt2img_stream")
     p.add_argument("--timeout", type=float, help="seconds")
     return p.parse_args(argv)
 
@@ -275,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
               "sampler": args.sampler, "num_images": args.num_images,
               "height": args.height, "width": args.width}
     try:
-        with Txt2ImgClient(args.url, timeout=args.timeout) as client:
+        front, stream = pipeline_names(args.model)
+        with Txt2ImgClient(args.url, model=front, stream_model=stream,
+                           timeout=args.timeout) as client:
             if args.no_stream:
                 out = client.generate(args.prompt, **params)
             else:

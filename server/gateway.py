@@ -8,7 +8,9 @@ Routes (`create_app(settings)`):
     POST /v1/images/generations         {"prompt", "n", "size": "WxH", ...} -> PNGs (base64)
     POST /v1/images/generations/stream  same body -> server-sent events: `progress` per
                                         sampler step, then `result` (or `error`)
-    GET  /v1/config                     the served model's limits (sizes, steps, samplers)
+    GET  /v1/config[?model=]            a served model's limits (sizes, steps, samplers)
+    GET  /v1/models, /v1/models/{id}    the served models (OpenAI's list); `model` in a body
+                                        picks one (an unknown one: 404 listing them)
     GET  /healthz                       this process is up
     GET  /readyz                        Triton is ready and both models are loaded (else 503)
     GET  /                              the web page; /docs: OpenAPI (served offline)
@@ -180,7 +182,7 @@ def _auth_dependency(checker: KeyChecker):
     return require_key
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 422, 502, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 422, 502, 503)}
 
 
 def create_app(settings: GatewaySettings = GatewaySettings()) -> FastAPI:
@@ -274,15 +276,36 @@ def _add_image_routes(app: FastAPI, settings: GatewaySettings,
         Closing the connection cancels the generation on the server.
         """
         be = backend()
-        check_request(body, await be.run(be.limits))
+        check_request(body, await be.run(be.limits, body.model))
         return await stream_response(be, body)
 
     @app.get("/v1/config", dependencies=[Depends(require_key)], tags=["images"],
              responses=ERRORS)
-    async def config() -> dict:
-        """The served model's limits: sizes, steps, images per request, samplers, defaults."""
-        limits = await backend().run(backend().limits)
-        return {"model": settings.model, "limits": limits.model_dump()}
+    async def config(model: str | None = None) -> dict:
+        """A served model's limits (`?model=`; default: the default model): sizes, steps,
+        images per request, samplers, defaults."""
+        served = await backend().run(backend().resolve, model)
+        return {"model": served.name, "limits": served.limits.model_dump()}
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)], tags=["models"],
+             responses=ERRORS)
+    async def models() -> dict:
+        """The served models, as OpenAI's `GET /v1/models` lists them; the first is the
+        default of requests that name none."""
+        catalog = await backend().run(backend().catalog)
+        return {"object": "list", "data": [model_card(m) for m in catalog.values()]}
+
+    @app.get("/v1/models/{model}", dependencies=[Depends(require_key)], tags=["models"],
+             responses=ERRORS)
+    async def model_info(model: str) -> dict:
+        """One served model, with its limits (404 names the served ones)."""
+        served = await backend().run(backend().resolve, model)
+        return {**model_card(served), "limits": served.limits.model_dump()}
+
+
+def model_card(served) -> dict:
+    """OpenAI's model object ({id, object, created, owned_by}) of a served model."""
+    return {"id": served.name, "object": "model", "created": 0, "owned_by": "ldm-serve"}
 
 
 def _add_health_routes(app: FastAPI, backend: Callable[[], TritonBackend]) -> None:

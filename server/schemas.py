@@ -49,8 +49,8 @@ class ImageGenerationRequest(BaseModel):
                              "the model was trained at")
     response_format: Literal["b64_json", "url"] = Field(
         "b64_json", description="only 'b64_json' (base64 PNG) is supported")
-    model: str | None = Field(None, description="accepted for OpenAI clients; ignored: this "
-                              "server serves one model")
+    model: str | None = Field(None, description="which served model draws (GET /v1/models); "
+                              "default: the server's first")
     user: str | None = Field(None, description="accepted for OpenAI clients; ignored")
     negative_prompt: str | None = Field(None, description="what to steer away from")
     steps: int | None = Field(None, ge=1, le=2**31 - 1, description="sampler steps")

@@ -74,14 +74,27 @@ function showValues() {
   $("guidance-value").textContent = Number($("guidance").value).toFixed(1);
 }
 
+// The served models (GET /v1/models) fill the picker; the first is the server's default.
+async function loadModels() {
+  const res = await fetch("/v1/models", { headers: headers() });
+  if (!res.ok) return res;
+  const ids = (await res.json()).data.map((m) => m.id);
+  const keep = $("model").value;
+  $("model").replaceChildren(...ids.map((id, i) => option(id, id, keep ? id === keep : i === 0)));
+  return res;
+}
+
 async function loadConfig() {
   try {
-    const res = await fetch("/v1/config", { headers: headers() });
-    if (res.status === 401) {
+    const listed = await loadModels();
+    if (listed.status === 401) {
       state.needKey = true;
-      openKeyDialog(await errorMessage(res));
+      openKeyDialog(await errorMessage(listed));
       return;
     }
+    const model = $("model").value;
+    const query = model ? `?model=${encodeURIComponent(model)}` : "";
+    const res = await fetch(`/v1/config${query}`, { headers: headers() });
     if (!res.ok) return;
     applyLimits((await res.json()).limits);
     state.configLoaded = true;
@@ -140,6 +153,7 @@ async function* readSSE(body) {
 
 function requestBody() {
   const body = {
+    model: $("model").value || undefined,
     prompt: $("prompt").value.trim(),
     n: Number($("n").value || 1),
     steps: Number($("steps").value),
@@ -244,7 +258,7 @@ function addResult(body, result, seconds) {
   const meta = document.createElement("p");
   meta.className = "batch-meta";
   meta.textContent = [
-    `seed ${result.seed}`, `${body.steps} steps`, body.sampler, `guidance ${body.guidance_scale}`,
+    body.model, `seed ${result.seed}`, `${body.steps} steps`, body.sampler, `guidance ${body.guidance_scale}`,
     result.size.replace("x", " × "), `${seconds.toFixed(1)} s`,
   ].filter(Boolean).join(" · ");
   head.append(title, meta);
@@ -323,6 +337,7 @@ $("clear").addEventListener("click", () => {
 $("dice").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });
 $("key-button").addEventListener("click", () => openKeyDialog());
 $("key-button").classList.toggle("has-key", Boolean(state.key));
+$("model").addEventListener("change", () => { state.configLoaded = false; loadConfig(); });
 $("steps").addEventListener("input", showValues);
 $("guidance").addEventListener("input", showValues);
 document.addEventListener("keydown", (e) => {

@@ -195,7 +195,7 @@ def test_health_readiness_config_and_docs(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json() == {"status": "ready"}
     cfg = http.get("/v1/config").json()
-    assert cfg["model"] == "ldm_txt2img"
+    assert cfg["model"] == "ldm"
     assert cfg["limits"]["sizes"] == [16] and cfg["limits"]["max_steps"] == 1000
     assert cfg["limits"]["max_images"] == 4 and "ddim" in cfg["limits"]["samplers"]
     docs = http.get("/docs")

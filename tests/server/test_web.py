@@ -8,7 +8,9 @@ result goes to /tmp/ldm-web.png.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import tempfile
 
 import httpx
 import numpy as np
@@ -28,19 +30,28 @@ PROMPT = "a red circle in the top left"
 SCREENSHOT = "/tmp/ldm-web.png"
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+@contextlib.contextmanager
+def browser_driver():
+    """Headless Chromium with a profile of its own, quit afterwards."""
     options = Options()
     options.binary_location = CHROMIUM
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", f"--user-data-dir={profile}", "--window-size=1280,900"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.set_page_load_timeout(30)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with browser_driver() as driver:
+        yield driver
 
 
 def wait(driver, condition, timeout: float = 60):
@@ -77,6 +88,8 @@ def test_generate_from_the_page(browser, gateway):
     open_page(browser, gateway)
     assert [o.text for o in Select(browser.find_element(By.ID, "sampler")).options] == [
         "ddim", "plms", "dpmpp_2m", "ddpm"]
+    # One served model: the picker holds it (test_multi_model.py picks between two).
+    assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == ["ldm"]
     browser.find_element(By.ID, "prompt").send_keys(PROMPT)
     browser.find_element(By.ID, "negative").send_keys("blurry")
     set_range(browser, "steps", 12)
@@ -102,7 +115,7 @@ def test_generate_from_the_page(browser, gateway):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 12
     assert browser.find_element(By.ID, "progress").get_attribute("hidden") is not None
     meta = browser.find_element(By.CSS_SELECTOR, "#grid .batch-meta").text
-    assert "seed 5" in meta and "12 steps" in meta and "16 × 16" in meta
+    assert "ldm" in meta and "seed 5" in meta and "12 steps" in meta and "16 × 16" in meta
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
 
     # The page sent what the form showed: the API gives the same pixels for the same request.
