@@ -6,8 +6,9 @@
 Writes `OUT/ldm` (the text-to-image model) and `OUT/autoencoder` (the first stage alone,
 without its training loss; `--no-autoencoder` leaves this copy out), both in our safetensors
 format. `--first-stage` swaps in an autoencoder whose decoder was fine-tuned with a frozen
-encoder; its encoder must equal the one the LDM was trained on, which is checked (same latent space). Weights stored as fp16
-are loaded back into fp32 modules; evaluate the packed files, since they are what ships.
+encoder; its encoder must equal the one the LDM was trained on, which is checked (same
+latent space). Weights stored as fp16 are loaded back into fp32 modules; evaluate the packed
+files, since they are what ships.
 """
 from __future__ import annotations
 

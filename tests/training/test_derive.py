@@ -57,7 +57,7 @@ def test_training_derives_them_end_to_end(tmp_path, first_stage, caplog):
     out = tmp_path / "run"
     # The fixture sets an 8x8 latent for 16 px at f=2; this first stage has f=4 and 3
     # channels: a file that sets them contradicts it, so give a config that leaves them out.
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ldm")  # bench mains quiet "ldm" in-process
     cfg = tmp_path / "ldm.yaml"
     data = yaml.safe_load(Path(LDM).read_text())
     for key in ("image_size", "channels"):

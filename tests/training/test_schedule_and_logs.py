@@ -47,7 +47,7 @@ def test_the_cosine_schedule_ends_at_a_moving_horizon():
 
 def test_a_time_budget_fits_the_run_and_it_ends_with_validation_and_samples(tmp_path,
                                                                               caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ldm")  # bench mains quiet "ldm" in-process
     out = tmp_path / "ae"
     assert main(["autoencoder", "--config", AE, f"train.out_dir={out}", "train.max_steps=100000",
                  "train.max_minutes=0.08", "train.log_every=5", "train.val_every=100000",
