@@ -192,6 +192,10 @@ def load_efficientnet_lite0(
 ) -> EfficientNetLite0:
     """EfficientNet-Lite0 with ImageNet weights (default: the pip package's file), in eval mode."""
     net = EfficientNetLite0(include_top=include_top)
+    if any(p.is_meta for p in net.parameters()):
+        # Built empty (ldm.checkpoints.empty_weights): the checkpoint being loaded holds these
+        # weights and assigns them; reading ImageNet's into meta tensors would only warn.
+        return net.eval()
     state = torch.load(path or efficientnet_lite0_weights_path(), map_location="cpu",
                        weights_only=True)
     wanted = net.state_dict().keys()

@@ -185,8 +185,9 @@ class LPIPS(_FrozenPerceptual):
         self.net = VGG16Features()
         for i, ch in enumerate(self.chns):
             setattr(self, f"lin{i}", NetLinLayer(ch, use_dropout=use_dropout))
-        self.load_backbone(vgg16_weights)
-        self.load_heads(lpips_heads if lpips_heads is not None else lpips_package_heads())
+        if not any(p.is_meta for p in self.parameters()):  # built empty: a checkpoint fills it
+            self.load_backbone(vgg16_weights)
+            self.load_heads(lpips_heads if lpips_heads is not None else lpips_package_heads())
         self._freeze()
 
     def load_backbone(self, path: str | Path | None) -> None:

@@ -179,3 +179,28 @@ def test_build_perceptual_loss(vgg_file):
     assert isinstance(build_perceptual_loss(cfg), LPIPS)
     with pytest.raises(ConfigError, match="efficientnet_lite0"):
         build_perceptual_loss(dataclasses.replace(cfg, perceptual_backbone="alex"))
+
+
+def test_an_autoencoder_with_its_loss_loads_strictly_without_warnings(tmp_path):
+    # A strict load builds the model empty (meta tensors) and assigns the file's weights: the
+    # perceptual backbones must not read their pretrained files into meta tensors (torch
+    # warned once per tensor) nor keep those instead of the checkpoint's.
+    import warnings
+
+    from ldm.config import AutoencoderConfig, from_dict
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.pretrained import load_pretrained, save_pretrained
+
+    cfg = from_dict(AutoencoderConfig, {
+        "ddconfig": {"ch": 32, "ch_mult": [1, 2]},
+        "lossconfig": {"perceptual_backbone": "efficientnet_lite0"}})
+    model = AutoencoderKL(cfg)
+    with torch.no_grad():
+        for p in model.loss.perceptual_loss.parameters():
+            p.add_(1.0)  # not ImageNet's any more: the loaded copy must be the file's
+    save_pretrained(tmp_path / "ae", model, "autoencoder", cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = load_pretrained(tmp_path / "ae")
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
