@@ -130,3 +130,20 @@ def test_metrics_stay_monotonic_after_kill_9_and_resume(tmp_path):
     assert all(a < b for a, b in zip(times[:-1], times[1:], strict=True)), times
     assert times[saved] > state["elapsed"] > 0  # the resumed run counts on from the checkpoint
     assert not list(out.glob(".metrics.jsonl.*"))
+
+
+def test_the_ldm_stage_trains_without_validation_too(tmp_path):
+    from ldm.config import AutoencoderConfig, from_dict
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.pretrained import save_pretrained
+
+    cfg = from_dict(AutoencoderConfig, {"embed_dim": 4, "ddconfig": {
+        "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "resolution": 16}})
+    save_pretrained(tmp_path / "ae", AutoencoderKL(cfg), "autoencoder", cfg)
+    data, out = image_folder(tmp_path / "data", 20), tmp_path / "out"
+    ldm = str(FIX / "tiny_train_ldm.yaml")
+    assert main(["ldm", "--config", ldm, f"first_stage={tmp_path / 'ae'}", "data.val_length=0",
+                 "data.name=imagefolder", f"data.root={data}", f"train.out_dir={out}",
+                 "train.max_steps=2", "train.val_every=1"]) == 0
+    assert not any(k.startswith("val/") for r in metrics(out) for k in r)
+    assert any((out / "samples").glob("*.png"))  # the grid shows training captions
