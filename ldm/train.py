@@ -29,7 +29,7 @@ from ldm.config import ConfigError, apply_overrides, from_dict, load_yaml, to_di
 from ldm.data.imagefolder import DataError, ImageFolderDataset, collate
 from ldm.data.shapes import ShapesDataset
 from ldm.training.config import AutoencoderTrainConfig, DataConfig, LDMTrainConfig
-from ldm.training.derive import autoencoder_sizes, given_keys, ldm_sizes, settle
+from ldm.training.derive import autoencoder_sizes, dotted_keys, given_keys, ldm_sizes, settle
 from ldm.training.loop import Trainer
 
 log = logging.getLogger("ldm.train")
@@ -199,14 +199,7 @@ def grid_captions(dataset: Dataset, n: int = 8) -> list[str]:
 
 def _model_keys(cfg) -> set[str]:
     """Every model field: a fine-tuned checkpoint fixes them all (data.size must fit it)."""
-    return {f"model.{k}" for k in _flatten_keys(to_dict(cfg.model))}
-
-
-def _flatten_keys(data: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in data.items():
-        out += _flatten_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
-    return out
+    return set(dotted_keys(to_dict(cfg.model), "model."))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,6 @@ DEFAULT_NAME = "ldm"
 NAME_PATTERN = r"[a-z0-9][a-z0-9-]*"
 FRONT_SUFFIX, STREAM_SUFFIX = "_txt2img", "_txt2img_stream"
 PIPELINE_MODELS: tuple[str, ...] = ("ldm_txt2img", "ldm_txt2img_stream")  # the default's
-STREAMING: dict[str, bool] = {"ldm_txt2img": False, "ldm_txt2img_stream": True}
 
 
 def pipeline_names(name: str = DEFAULT_NAME) -> tuple[str, str]:
@@ -391,7 +390,7 @@ def _size(name: str, value: int | None, limits: Limits) -> int:
 __all__ = ["ALPHAS_FILE", "BACKEND_PARAMETERS", "DEFAULT_NAME", "FRONT_SUFFIX", "INPUTS",
            "KNOWN_SAMPLERS", "MAX_SEED", "NAME_PATTERN", "NETWORKS", "NETWORK_MODES", "OUTPUTS",
            "PIPELINE_FILE", "PIPELINE_MODELS", "PRECISIONS", "PREVIEW_MODES", "PROGRESS_OUTPUTS",
-           "REQUIRED_INPUTS", "STREAMING", "STREAM_OUTPUTS", "STREAM_SUFFIX", "TOKENIZER_DIR",
+           "REQUIRED_INPUTS", "STREAM_OUTPUTS", "STREAM_SUFFIX", "TOKENIZER_DIR",
            "GenerationRequest", "InvalidRequest", "Limits", "NetworkTarget", "PipelineInfo",
            "ServingOptions", "check_parameters", "config_parameters", "is_streaming",
            "network_prefix", "parse_request", "pipeline_names", "served_name"]

@@ -31,17 +31,18 @@ def given_keys(config_path: str | Path | None, overrides: list[str],
     and the overrides'."""
     data = base if base is not None else (
         yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {})
-    keys = set(_flatten(data))
+    keys = set(dotted_keys(data))
     keys.update(item.split("=", 1)[0] for item in overrides if "=" in item)
     return keys
 
 
-def _flatten(data: Any, prefix: str = "") -> list[str]:
+def dotted_keys(data: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of a nested dict's leaves, each after `prefix`."""
     if not isinstance(data, dict):
         return [prefix[:-1]] if prefix else []
     out = []
     for k, v in data.items():
-        out += _flatten(v, f"{prefix}{k}.")
+        out += dotted_keys(v, f"{prefix}{k}.")
     return out
 
 
