@@ -8,7 +8,9 @@ without its training loss; `--no-autoencoder` leaves this copy out), both in our
 format. `--first-stage` swaps in an autoencoder whose decoder was fine-tuned with a frozen
 encoder; its encoder must equal the one the LDM was trained on, which is checked (same
 latent space). Weights stored as fp16 are loaded back into fp32 modules; evaluate the packed
-files, since they are what ships.
+files, since they are what ships. `--default-steps`, `--default-guidance-scale` and
+`--default-sampler` record the settings the model was evaluated at in `OUT/ldm/config.yaml`
+(`sampling:`): the server and `ldm.sample` use them when a request leaves them out.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import sys
 
 import torch
 
-from ldm.pretrained import load_pretrained, save_pretrained
+from ldm.pretrained import check_sampling, load_pretrained, save_pretrained
 
 
 def pack(ldm_dir: str, out: str, first_stage_dir: str | None = None,
-         dtype: torch.dtype = torch.float32, autoencoder: bool = True) -> None:
+         dtype: torch.dtype = torch.float32, autoencoder: bool = True,
+         sampling: dict | None = None) -> None:
     model = load_pretrained(ldm_dir)
     cfg = model.config
     if first_stage_dir:
@@ -44,7 +47,7 @@ def pack(ldm_dir: str, out: str, first_stage_dir: str | None = None,
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
     packed.load_state_dict(state, strict=True)
     packed.to(dtype)
-    save_pretrained(f"{out}/ldm", packed, "ldm", cfg)
+    save_pretrained(f"{out}/ldm", packed, "ldm", cfg, sampling)
     if autoencoder:  # a copy of the first stage, for tools that take an autoencoder folder
         ae_cfg = cfg.first_stage
         save_pretrained(f"{out}/autoencoder", packed.first_stage_model, "autoencoder", ae_cfg)
@@ -59,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-autoencoder", action="store_true",
                    help="write OUT/ldm only (ldm.evaluate autoencoder reads an LDM's first "
                         "stage, so the copy is only for size-insensitive tools)")
+    p.add_argument("--default-steps", type=int, help="sampling default: steps")
+    p.add_argument("--default-guidance-scale", type=float, help="sampling default: guidance")
+    p.add_argument("--default-sampler", help="sampling default: sampler")
     args = p.parse_args(argv)
+    sampling = {"steps": args.default_steps, "guidance_scale": args.default_guidance_scale,
+                "sampler": args.default_sampler}
     try:
+        check_sampling(sampling, "--default-*")
         pack(args.ldm, args.out, args.first_stage, getattr(torch, args.dtype),
-             not args.no_autoencoder)
+             not args.no_autoencoder, sampling)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

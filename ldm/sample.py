@@ -7,7 +7,9 @@
 
 Loads our checkpoint folder (or a CompVis YAML + .ckpt with --compvis-config), runs the
 PyTorch pipeline (`ldm.pipeline.Txt2ImgPipeline`) and writes one row per prompt (`--prompt`
-repeated, and/or `--prompts-file` with one per line), `--num-images` per row.
+repeated, and/or `--prompts-file` with one per line), `--num-images` per row. Steps, guidance
+and sampler left out are the checkpoint's own defaults (`sampling:` in its config.yaml, see
+ldm.pack), else DDIM 25 at guidance 3.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ from tqdm import tqdm
 
 from ldm.compat import load_compvis
 from ldm.pipeline import Txt2ImgPipeline
+from ldm.pretrained import read_sampling
 from ldm.samplers import SAMPLERS
+
+FALLBACKS = {"steps": 25, "guidance_scale": 3.0, "sampler": "ddim"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-file", type=Path, help="more prompts, one per line")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, help="default: the checkpoint's, else 25")
+    p.add_argument("--guidance-scale", type=float, help="default: the checkpoint's, else 3")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the checkpoint's, "
+                                                                "else ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the PNG")
     p.add_argument("-o", "--out", default="outputs/sample.png")
     args = p.parse_args(argv)
+    try:
+        apply_sampling_defaults(args)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(f"--checkpoint {args.checkpoint}: {e}")
     if args.num_images < 1 or args.steps < 1:
         p.error(f"--num-images and --steps must be >= 1 (got {args.num_images}, {args.steps})")
     prompts = list(args.prompt)
@@ -71,8 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     strip.save(args.out)
     print(f"wrote {args.out} ({len(prompts)} prompt(s) x {args.num_images} image(s), "
-          f"seed {args.seed})")
+          f"seed {args.seed}; {args.sampler}, {args.steps} steps, guidance {args.guidance_scale:g})")
     return 0
+
+
+def apply_sampling_defaults(args: argparse.Namespace) -> None:
+    """Fill --steps/--guidance-scale/--sampler left out from our checkpoint folder's
+    `sampling:`, else the fallbacks."""
+    own = {}
+    if args.compvis_config is None and (Path(args.checkpoint) / "config.yaml").is_file():
+        own = read_sampling(args.checkpoint)
+    for key, fallback in FALLBACKS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, own.get(key, fallback))
 
 
 if __name__ == "__main__":

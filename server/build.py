@@ -10,7 +10,9 @@ process on OpenVINO for the python backend, else BLS) and `--precision fp32|bf16
 checked against PyTorch on the runtime and precision that will run them; `torch` writes the
 networks' PyTorch weights too (`pytorch/`). `--name NAME` names the served model: its
 pipeline models are NAME_txt2img(_stream) and its networks NAME_unet..., so repositories of
-several names are served by one Triton (`python -m server --model NAME=CHECKPOINT`). The
+several names are served by one Triton (`python -m server --model NAME=CHECKPOINT`). A
+checkpoint's own sampling defaults (`sampling:` in its config.yaml, `ldm.pack
+--default-guidance-scale ...`) become the served defaults for steps, guidance and sampler. The
 launcher runs this in a child process, so the export's peak memory is returned to the system
 before Triton loads.
 """
@@ -20,6 +22,7 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
 
 from export import build_engines
 from server.contract import (
@@ -47,6 +50,16 @@ def pipeline_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     return own, rest
 
 
+def sampling_limits(checkpoint: Path) -> dict:
+    """The checkpoint's sampling defaults as Limits fields ({} for CompVis files and for
+    checkpoints that record none)."""
+    from ldm.pretrained import read_sampling
+
+    if not (Path(checkpoint) / "config.yaml").is_file():
+        return {}
+    return {f"default_{key}": value for key, value in read_sampling(checkpoint).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     own, rest = pipeline_args(sys.argv[1:] if argv is None else argv)
     rest = [*rest, "--name-prefix", network_prefix(own.name)]
@@ -68,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.repository import PipelineOptions, assemble
 
     try:
-        names = assemble(args.out, PipelineOptions(name=own.name, serving=serving))
+        names = assemble(args.out, PipelineOptions(name=own.name, serving=serving,
+                                                    limits=sampling_limits(args.checkpoint)))
     except (ValueError, FileNotFoundError) as e:
         print(f"server.build: error: {e}", file=sys.stderr)
         return 1

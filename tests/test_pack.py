@@ -60,3 +60,35 @@ def test_the_autoencoder_copy_can_be_left_out(trained):
     _, tmp = trained
     assert main(["--ldm", str(tmp / "ldm"), "--out", str(tmp / "slim"), "--no-autoencoder"]) == 0
     assert [p.name for p in (tmp / "slim").iterdir()] == ["ldm"]
+
+
+def test_sampling_defaults_are_recorded_and_checked(trained, capsys):
+    from ldm.pretrained import read_sampling
+
+    _, tmp = trained
+    assert read_sampling(tmp / "ldm") == {}  # none recorded
+    assert main(["--ldm", str(tmp / "ldm"), "--out", str(tmp / "out"), "--default-steps", "10",
+                 "--default-guidance-scale", "3", "--default-sampler", "plms"]) == 0
+    assert read_sampling(tmp / "out" / "ldm") == {"steps": 10, "guidance_scale": 3.0,
+                                                  "sampler": "plms"}
+    load_pretrained(tmp / "out" / "ldm")  # the model still loads strictly
+    for flag, value, says in [("--default-steps", "0", "steps must be an integer >= 1, got 0"),
+                              ("--default-guidance-scale", "nan", "got nan"),
+                              ("--default-sampler", "euler", "sampler 'euler' is not one of")]:
+        assert main(["--ldm", str(tmp / "ldm"), "--out", str(tmp / "bad"), flag, value]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp / "bad").exists()  # refused before writing
+
+
+def test_a_hand_edited_sampling_section_is_refused_by_name(trained):
+    import yaml
+
+    from ldm.config import ConfigError
+    from ldm.pretrained import read_sampling
+
+    _, tmp = trained
+    path = tmp / "ldm" / "config.yaml"
+    header = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**header, "sampling": {"guidance": 3}}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['guidance'\]"):
+        read_sampling(tmp / "ldm")

@@ -26,3 +26,31 @@ def test_no_prompt_is_a_clear_error(tiny_ldm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tiny_ldm_dir), "--prompts-file", str(tmp_path / "none.txt")])
     assert "--prompts-file" in capsys.readouterr().err
+
+
+def test_steps_guidance_and_sampler_default_to_the_checkpoints_own(tiny_ldm_dir, tmp_path,
+                                                                    capsys):
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_ldm_dir, folder)
+    header = yaml.safe_load((folder / "config.yaml").read_text())
+    header["sampling"] = {"steps": 3, "guidance_scale": 6.0, "sampler": "plms"}
+    (folder / "config.yaml").write_text(yaml.safe_dump(header))
+
+    def sample(name: str, *flags: str) -> np.ndarray:
+        out = tmp_path / name
+        assert main(["--checkpoint", str(folder), "--prompt", "a red circle", "--scale", "1",
+                     "-o", str(out), *flags]) == 0
+        return np.asarray(Image.open(out))
+
+    own = sample("own.png")
+    assert "plms, 3 steps, guidance 6)" in capsys.readouterr().out
+    same = sample("same.png", "--steps", "3", "--guidance-scale", "6", "--sampler", "plms")
+    np.testing.assert_array_equal(own, same)
+    other = sample("other.png", "--guidance-scale", "1")
+    assert "plms, 3 steps, guidance 1)" in capsys.readouterr().out
+    assert not np.array_equal(own, other)

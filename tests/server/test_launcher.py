@@ -6,6 +6,7 @@ everything (no tritonserver or Python-backend stub left) with exit code 0.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -89,15 +90,17 @@ def wait_status(url: str, status: int, timeout: float) -> float:
     raise AssertionError(f"{url} never answered {status} in {timeout:.0f} s")
 
 
-@pytest.fixture
-def launcher(served_ldm_dir, tmp_path):
+@contextlib.contextmanager
+def launched(checkpoint: Path, tmp_path: Path, *extra: str):
+    """`python -m server --checkpoint CHECKPOINT EXTRA...` on free ports: (process, its
+    output, the main repository); killed (with any leftovers) when the block ends."""
     port, http_port, grpc_port, metrics_port = free_ports(4)
     repo = tmp_path / "model_repository"
-    cmd = [sys.executable, "-m", "server", "--checkpoint", str(served_ldm_dir),
+    cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint),
            "--repository", str(repo), "--work-dir", str(tmp_path / "work"),
            "--port", str(port), "--triton-http-port", str(http_port),
            "--triton-grpc-port", str(grpc_port), "--triton-metrics-port", str(metrics_port),
-           "--triton-log", str(tmp_path / "triton.log")]
+           "--triton-log", str(tmp_path / "triton.log"), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -110,6 +113,12 @@ def launcher(served_ldm_dir, tmp_path):
             proc.wait(30)
             for pid in processes_mentioning(str(repo)):  # leftovers of a failed test
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def launcher(served_ldm_dir, tmp_path):
+    with launched(served_ldm_dir, tmp_path) as running:
+        yield running
 
 
 def test_launcher_serves_restarts_triton_and_stops_cleanly(launcher):
@@ -291,3 +300,31 @@ def test_public_triton_with_api_keys_is_warned_about(tmp_path):
                         "--repository", str(tmp_path / "repo")],
                        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert "Triton listens on" not in r.stderr
+
+
+def test_launcher_serves_a_second_model_at_its_own_sampling_defaults(
+        served_ldm_dir, tiny_ldm_dir, tmp_path):
+    # What `make serve` does with the two demo models: --name for the main one, --model for
+    # the other, whose checkpoint records the settings it was evaluated at (ldm.pack).
+    from ldm.pack import main as pack
+
+    assert pack(["--ldm", str(tiny_ldm_dir), "--out", str(tmp_path / "packed"),
+                 "--no-autoencoder", "--default-steps", "7",
+                 "--default-guidance-scale", "4"]) == 0
+    other = tmp_path / "packed" / "ldm"
+    with launched(served_ldm_dir, tmp_path, "--name", "shapes",
+                  "--model", f"tiny={other}") as (proc, out, repo):
+        url = out.wait_for(r"web UI:\s+(http://\S+)/", proc, timeout=300).group(1)
+        assert (repo.with_name(f"{repo.name}-tiny") / "tiny_txt2img").is_dir()
+        listed = httpx.get(f"{url}/v1/models", timeout=10).json()
+        assert [m["id"] for m in listed["data"]] == ["shapes", "tiny"]
+        own = httpx.get(f"{url}/v1/config", params={"model": "tiny"}, timeout=10).json()
+        assert (own["limits"]["default_steps"], own["limits"]["default_guidance_scale"]) == (7, 4)
+        main = httpx.get(f"{url}/v1/config", timeout=10).json()
+        assert main["model"] == "shapes"
+        assert (main["limits"]["default_steps"], main["limits"]["default_guidance_scale"]) \
+            == (10, 1.5)  # a checkpoint without `sampling:` keeps the server's defaults
+        r = httpx.post(f"{url}/v1/images/generations", timeout=60,
+                       json={"prompt": "a red circle", "model": "tiny", "seed": 1})
+        assert r.status_code == 200, r.text
+        assert decode_png(r.json()["data"][0]["b64_json"]).shape == (16, 16, 3)
