@@ -23,8 +23,14 @@ from export.cache import cache_entry
 from export.manifest import sha256_json
 from export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_onnx, onnx_digest
 from export.ort import OptLevel, optimize_for_cpu
-from export.parity import DEFAULT_TOL, ParityError, compare_with_onnx, reference_outputs
-from export.specs import GRAPHS, ExportSpec, ShapeLimits
+from export.parity import (
+    DEFAULT_TOL,
+    ParityError,
+    compare_with_onnx,
+    reference_outputs,
+    text_contexts,
+)
+from export.specs import GRAPHS, ExportSpec, ShapeLimits, build_specs
 from export.tensorrt import EngineSettings, build_engine
 from export.triton_config import MODEL_FILES, TritonOptions
 
@@ -237,7 +243,13 @@ class Builder:
             self.report.reused.append(f"{name}: openvino {precision} parity")
             self._use(folder)
             return json.loads(report_file.read_text())
-        references = reference_outputs(GRAPHS[name](self.fresh_model()), spec)
+        model = self.fresh_model()
+        contexts = None
+        if name == "unet":  # checked on the contexts its text encoder makes, as served
+            te_spec = build_specs(model.config, self.options.limits)["text_encoder"]
+            contexts = text_contexts(GRAPHS["text_encoder"](model), te_spec)
+        references = reference_outputs(GRAPHS[name](model), spec, contexts=contexts)
+        del model, contexts
         gc.collect()
         report = check_parity(served, spec, references, precision)
         summary = {k: report.to_dict()[k] for k in ("max_abs", "max_rel", "tol", "seed")}

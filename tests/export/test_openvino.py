@@ -39,6 +39,30 @@ def test_bf16_is_really_bf16_and_within_its_tolerance(tiny_model, tiny_specs, ti
     assert resolve_precision("auto") == "bf16"
 
 
+def test_the_unets_reduced_precision_check_uses_its_text_encoders_contexts(
+        tiny_model, tiny_specs, tiny_onnx):
+    import torch
+
+    from export.parity import text_contexts
+
+    te_spec = tiny_specs["text_encoder"]
+    make = text_contexts(GRAPHS["text_encoder"](tiny_model), te_spec)
+    low, high = te_spec.value_ranges["input_ids"]
+    ids = torch.randint(low, high, (3, 77), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = GRAPHS["text_encoder"](tiny_model)(ids)
+    assert torch.equal(make(3, torch.Generator().manual_seed(5)), want)
+    made = []
+    references = reference_outputs(GRAPHS["unet"](tiny_model), tiny_specs["unet"], seed=0,
+                                   contexts=lambda b, g: made.append(make(b, g)) or made[-1])
+    assert len(made) == len(references.cases) > 1
+    for (_, inputs, _), context in zip(references.cases, made, strict=True):
+        assert inputs["context"] is context
+    precision = "bf16" if native_bf16() else "fp32"
+    report = check_parity(tiny_onnx["unet"], tiny_specs["unet"], references, precision)
+    assert report.max_rel <= TOLERANCES[precision]
+
+
 def test_nan_fails_parity_at_any_tolerance(tiny_model, tiny_specs, tiny_onnx):
     spec = tiny_specs["vae_decoder"]
     references = reference_outputs(GRAPHS["vae_decoder"](tiny_model), spec, seed=0)
