@@ -20,9 +20,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# Main job: export the demo model if needed, start Triton (CPU) and the gateway on :8080.
+# Main job: export the two demo models if needed (shapes, the default, and emoji), start one
+# Triton (CPU) serving both and the gateway on :8080.
 serve: setup
-	$(PY) -m server --checkpoint checkpoints/demo/ldm
+	$(PY) -m server --checkpoint checkpoints/demo/ldm --name shapes \
+		--model emoji=checkpoints/emoji/ldm
 
 # In-process sampling from the demo checkpoint, no server.
 demo: setup
