@@ -1,6 +1,6 @@
 """Evaluate checkpoints: `python -m ldm.evaluate {autoencoder,ldm,judge} ...`.
 
-    python -m ldm.evaluate autoencoder --checkpoint checkpoints/demo/autoencoder
+    python -m ldm.evaluate autoencoder --checkpoint checkpoints/demo/ldm
     python -m ldm.evaluate ldm --checkpoint checkpoints/demo/ldm --seeds 4 --grid grid.png
     # your own images:
     python -m ldm.evaluate autoencoder --checkpoint runs/emoji_ae/model --val-of runs/emoji_ae
