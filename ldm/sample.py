@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     strip.save(args.out)
     print(f"wrote {args.out} ({len(prompts)} prompt(s) x {args.num_images} image(s), "
-          f"seed {args.seed}; {args.sampler}, {args.steps} steps, guidance {args.guidance_scale:g})")
+          f"seed {args.seed}; {args.sampler}, {args.steps} steps, "
+          f"guidance {args.guidance_scale:g})")
     return 0
 
 
