@@ -243,13 +243,10 @@ class Builder:
             self.report.reused.append(f"{name}: openvino {precision} parity")
             self._use(folder)
             return json.loads(report_file.read_text())
-        model = self.fresh_model()
-        contexts = None
-        if name == "unet":  # checked on the contexts its text encoder makes, as served
-            te_spec = build_specs(model.config, self.options.limits)["text_encoder"]
-            contexts = text_contexts(GRAPHS["text_encoder"](model), te_spec)
-        references = reference_outputs(GRAPHS[name](model), spec, contexts=contexts)
-        del model, contexts
+        contexts = self._unet_contexts(spec)  # as served: from its text encoder
+        references = reference_outputs(GRAPHS[name](self.fresh_model()), spec,
+                                       contexts=contexts)
+        del contexts
         gc.collect()
         report = check_parity(served, spec, references, precision)
         summary = {k: report.to_dict()[k] for k in ("max_abs", "max_rel", "tol", "seed")}
@@ -271,7 +268,7 @@ class Builder:
         if path in existing:
             self.report.reused.append(f"{name}: tensorrt engine")
         else:
-            report = self._engine_parity(path, onnx_path, spec)
+            report = self._engine_parity(path, onnx_path, spec, self._unet_contexts(spec))
             self.report.rebuilt.append(f"{name}: tensorrt {spec.engine_precision} engine + "
                                        f"parity (max rel {report.max_rel:.1e})")
         self._use(path)
@@ -295,14 +292,23 @@ class Builder:
         self._use(folder)
         return folder / "model.onnx"
 
+    def _unet_contexts(self, spec: ExportSpec):
+        """For the UNet, contexts its own text encoder makes (export.parity.text_contexts):
+        what its reduced-precision checks feed it; None for the other networks."""
+        if spec.name != "unet":
+            return None
+        model = self.fresh_model()
+        te_spec = build_specs(model.config, self.options.limits)["text_encoder"]
+        return text_contexts(GRAPHS["text_encoder"](model), te_spec)
+
     @staticmethod
-    def _engine_parity(plan: Path, onnx_path: Path, spec: ExportSpec):
+    def _engine_parity(plan: Path, onnx_path: Path, spec: ExportSpec, contexts=None):
         """A new engine against ONNX Runtime; a failing plan is removed, never reused."""
         from export.engine_parity import check_engine_parity
         from export.parity import ParityError
 
         try:
-            return check_engine_parity(plan, onnx_path, spec)
+            return check_engine_parity(plan, onnx_path, spec, contexts=contexts)
         except ParityError:
             plan.unlink(missing_ok=True)
             raise

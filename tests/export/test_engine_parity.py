@@ -38,3 +38,22 @@ def test_the_check_fails_on_drift_and_on_nan(tiny_specs, tiny_onnx):
     with pytest.raises(ParityError):  # a NaN fails at any tolerance
         compare_outputs(lambda x: [np.full_like(o, np.nan) for o in drifting(x, 1.0)],
                         spec, refs, 1e9)
+
+
+def test_the_unets_references_take_its_text_encoders_contexts(tiny_model, tiny_specs,
+                                                              tiny_onnx):
+    # What the fp16 engine is checked on (as the bf16 OpenVINO graph is): the same inputs as
+    # PyTorch's references, with contexts from the model's own text encoder.
+    from export.parity import text_contexts
+
+    spec = tiny_specs["unet"]
+    make = text_contexts(GRAPHS["text_encoder"](tiny_model), tiny_specs["text_encoder"])
+    ort_refs = onnxruntime_references(tiny_onnx["unet"], spec, seed=4, contexts=make)
+    torch_refs = reference_outputs(GRAPHS["unet"](tiny_model), spec, seed=4, contexts=make)
+    plain = reference_outputs(GRAPHS["unet"](tiny_model), spec, seed=4)
+    for (_, a_in, a_out), (_, b_in, b_out), (_, c_in, _) in zip(
+            ort_refs.cases, torch_refs.cases, plain.cases, strict=True):
+        assert np.array_equal(a_in["context"].numpy(), b_in["context"].numpy())
+        assert not np.array_equal(a_in["context"].numpy(), c_in["context"].numpy())
+        assert np.abs(a_out[0].numpy() - b_out[0].numpy()).max() \
+            <= 1e-4 * np.abs(b_out[0].numpy()).max()
