@@ -13,22 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from export.parity import ParityReport, References, compare_outputs, reference_outputs
+from export.parity import (
+    Contexts,
+    ParityReport,
+    References,
+    compare_outputs,
+    reference_outputs,
+)
 from export.specs import ExportSpec
-
-if TYPE_CHECKING:
-    import torch
 
 # max |engine - ORT| / max |ORT|. fp16: 10-bit mantissas through tens of layers; fp32: TF32
 # is off in TensorRT by default, so only reordered sums.
 ENGINE_TOLERANCES = {"fp16": 2e-2, "fp32": 1e-4}
 
 Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-Contexts = Callable[[int, "torch.Generator"], "torch.Tensor"]  # batch, generator -> context
 
 
 def engine_runner(plan: str | Path, spec: ExportSpec) -> Run:

@@ -109,10 +109,14 @@ class References:
     cases: list[tuple[dict[str, int], dict[str, torch.Tensor], tuple[torch.Tensor, ...]]]
 
 
+# (batch, generator) -> a UNet `context` input (text_contexts).
+Contexts = Callable[[int, torch.Generator], torch.Tensor]
+
+
 def reference_outputs(module: nn.Module | Callable[..., Any], spec: ExportSpec,
                       seed: int | None = None,
                       points: list[dict[str, int]] | None = None,
-                      contexts: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+                      contexts: Contexts | None = None,
                       ) -> References:
     """`module`'s outputs at each profile point on fresh random inputs from `seed` (a module
     is put in eval mode; any callable taking the inputs in spec order will do). `contexts`
@@ -172,8 +176,7 @@ def compare_outputs(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
     return report
 
 
-def text_contexts(text_encoder: nn.Module, te_spec: ExportSpec
-                  ) -> Callable[[int, torch.Generator], torch.Tensor]:
+def text_contexts(text_encoder: nn.Module, te_spec: ExportSpec) -> Contexts:
     """UNet contexts made the way serving makes them: the model's own text encoder graph on
     random token ids. A reduced-precision check wants them: N(0, 1) contexts lie outside
     what the UNet ever sees, and at high t the emoji UNet's bf16 error on them reached 25 %

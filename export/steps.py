@@ -25,6 +25,7 @@ from export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_on
 from export.ort import OptLevel, optimize_for_cpu
 from export.parity import (
     DEFAULT_TOL,
+    Contexts,
     ParityError,
     compare_with_onnx,
     reference_outputs,
@@ -243,10 +244,10 @@ class Builder:
             self.report.reused.append(f"{name}: openvino {precision} parity")
             self._use(folder)
             return json.loads(report_file.read_text())
-        contexts = self._unet_contexts(spec)  # as served: from its text encoder
-        references = reference_outputs(GRAPHS[name](self.fresh_model()), spec,
-                                       contexts=contexts)
-        del contexts
+        model = self.fresh_model()
+        contexts = self._unet_contexts(spec, model)  # as served: from its text encoder
+        references = reference_outputs(GRAPHS[name](model), spec, contexts=contexts)
+        del model, contexts
         gc.collect()
         report = check_parity(served, spec, references, precision)
         summary = {k: report.to_dict()[k] for k in ("max_abs", "max_rel", "tol", "seed")}
@@ -292,17 +293,19 @@ class Builder:
         self._use(folder)
         return folder / "model.onnx"
 
-    def _unet_contexts(self, spec: ExportSpec):
-        """For the UNet, contexts its own text encoder makes (export.parity.text_contexts):
-        what its reduced-precision checks feed it; None for the other networks."""
+    def _unet_contexts(self, spec: ExportSpec, model=None) -> Contexts | None:
+        """For the UNet, contexts its own text encoder makes (export.parity.text_contexts) in
+        `model` (default: a fresh one): what its reduced-precision checks feed it; None for
+        the other networks."""
         if spec.name != "unet":
             return None
-        model = self.fresh_model()
+        model = model if model is not None else self.fresh_model()
         te_spec = build_specs(model.config, self.options.limits)["text_encoder"]
         return text_contexts(GRAPHS["text_encoder"](model), te_spec)
 
     @staticmethod
-    def _engine_parity(plan: Path, onnx_path: Path, spec: ExportSpec, contexts=None):
+    def _engine_parity(plan: Path, onnx_path: Path, spec: ExportSpec,
+                       contexts: Contexts | None = None):
         """A new engine against ONNX Runtime; a failing plan is removed, never reused."""
         from export.engine_parity import check_engine_parity
         from export.parity import ParityError

@@ -93,11 +93,12 @@ def read_config(folder: str | Path):
     return kind, from_dict(CONFIG_CLASSES[kind], data["config"])
 
 
-def read_sampling(folder: str | Path) -> dict:
-    """The checkpoint's sampling defaults ({} when it records none), checked."""
-    path = Path(folder) / "config.yaml"
+def read_sampling(checkpoint: str | Path) -> dict:
+    """The checkpoint's sampling defaults, checked: {} when it records none, and for what is
+    not one of our folders (a CompVis file records none)."""
+    path = Path(checkpoint) / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not one of our checkpoints (no config.yaml)")
+        return {}
     return check_sampling(yaml.safe_load(path.read_text()).get("sampling") or {},
                           f"{path}: sampling")
 

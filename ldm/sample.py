@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         apply_sampling_defaults(args)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         p.error(f"--checkpoint {args.checkpoint}: {e}")
     if args.num_images < 1 or args.steps < 1:
         p.error(f"--num-images and --steps must be >= 1 (got {args.num_images}, {args.steps})")
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 def apply_sampling_defaults(args: argparse.Namespace) -> None:
     """Fill --steps/--guidance-scale/--sampler left out from our checkpoint folder's
     `sampling:`, else the fallbacks."""
-    own = {}
-    if args.compvis_config is None and (Path(args.checkpoint) / "config.yaml").is_file():
-        own = read_sampling(args.checkpoint)
+    own = read_sampling(args.checkpoint)
     for key, fallback in FALLBACKS.items():
         if getattr(args, key) is None:
             setattr(args, key, own.get(key, fallback))

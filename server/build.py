@@ -55,8 +55,6 @@ def sampling_limits(checkpoint: Path) -> dict:
     checkpoints that record none)."""
     from ldm.pretrained import read_sampling
 
-    if not (Path(checkpoint) / "config.yaml").is_file():
-        return {}
     return {f"default_{key}": value for key, value in read_sampling(checkpoint).items()}
 
 

@@ -34,6 +34,8 @@ from server.contract import (
     Limits,
     ServingOptions,
     config_parameters,
+    pipeline_names,
+    served_name,
 )
 
 OUTPUTS = list(OUTPUT_SPECS)
@@ -59,8 +61,8 @@ class TritonPythonModel:
         # Twice the target's slots: requests waiting here are cheap, and the target queues.
         options = ServingOptions.from_parameters(params)
         self.limits = Limits.from_parameters(params)
-        # <name>_txt2img passes its requests to <name>_txt2img_stream (server.contract).
-        self.target = args["model_name"] + "_stream"
+        # <name>_txt2img passes its requests to <name>_txt2img_stream.
+        self.target = pipeline_names(served_name(args["model_name"]))[1]
         self.pool = RequestPool(2 * options.max_concurrent, args["model_name"])
         # request_id -> [the client's request, or None once answered]; with `lock` held, so
         # the watcher never asks a request that has been answered: Triton 2.51 frees its
